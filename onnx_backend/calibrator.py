@@ -1,0 +1,264 @@
+"""ONNX-side calibration in constant memory, with the FuriosaAI SDK's API names.
+
+onnxruntime runs the model with every float activation exposed as an extra output; each batch's
+tensors are folded into streaming `TensorStatistics` at once and dropped, so peak memory is one
+batch's activations plus O(bins) per tensor, whatever the number of samples. Shapes may differ
+from sample to sample (variable batch, image size, sequence length).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import yaml
+from tqdm import tqdm
+
+from . import model_io
+from .errors import CalibrationError, ConfigError, InvalidModelError
+from .range_selection import DEFAULT_PERCENTILE, Method, select_range
+from .statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
+
+RANGES_FORMAT = "torchq-ranges"
+RANGES_VERSION = 1
+
+
+class CalibrationMethod(IntEnum):
+    """The ten methods of the reference SDK (same names and values)."""
+
+    MIN_MAX_ASYM = 0
+    MIN_MAX_SYM = 1
+    ENTROPY_ASYM = 2
+    ENTROPY_SYM = 3
+    PERCENTILE_ASYM = 4
+    PERCENTILE_SYM = 5
+    MSE_ASYM = 6
+    MSE_SYM = 7
+    SQNR_ASYM = 8
+    SQNR_SYM = 9
+
+    @property
+    def method(self) -> Method:
+        return Method(self.name.rsplit("_", 1)[0].lower())
+
+    @property
+    def symmetric(self) -> bool:
+        return self.name.endswith("_SYM")
+
+    @classmethod
+    def from_parts(cls, method: str | Method, symmetric: bool) -> CalibrationMethod:
+        return cls[f"{Method(method).name}_{'SYM' if symmetric else 'ASYM'}"]
+
+    @classmethod
+    def parse(cls, value: str | int | CalibrationMethod) -> CalibrationMethod:
+        if isinstance(value, CalibrationMethod):
+            return value
+        if isinstance(value, int):
+            return cls(value)
+        try:
+            return cls[str(value).strip().upper()]
+        except KeyError:
+            allowed = ", ".join(m.name.lower() for m in cls)
+            raise ConfigError(f"unknown calibration method {value!r}; allowed: {allowed}") from None
+
+
+class Ranges(dict):
+    """{tensor name: (min, max)} plus how they were chosen."""
+
+    def __init__(self, ranges: Mapping[str, tuple[float, float]] = (), *, method: str = "unknown", percentile: float | None = None):
+        super().__init__({k: (float(v[0]), float(v[1])) for k, v in dict(ranges).items()})
+        self.method = method
+        self.percentile = percentile
+
+    def to_dict(self) -> dict:
+        return {
+            "format": RANGES_FORMAT,
+            "version": RANGES_VERSION,
+            "method": self.method,
+            "percentile": self.percentile,
+            "ranges": {k: [v[0], v[1]] for k, v in sorted(self.items())},
+        }
+
+
+def save_ranges(ranges: Mapping[str, tuple[float, float]], path: str | os.PathLike) -> Path:
+    """Write ranges to JSON (.json) or YAML (.yaml/.yml), atomically."""
+    r = ranges if isinstance(ranges, Ranges) else Ranges(ranges)
+    path = Path(path)
+    data = r.to_dict()
+    text = yaml.safe_dump(data, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(data, indent=1) + "\n"
+    return model_io.write_text_atomic(path, text)
+
+
+def load_ranges(path: str | os.PathLike) -> Ranges:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such ranges file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid JSON/YAML: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != RANGES_FORMAT:
+        raise ConfigError(f"{path}: not a torchq ranges file (expected format: {RANGES_FORMAT})")
+    if data.get("version") != RANGES_VERSION:
+        raise ConfigError(f"{path}: ranges file version {data.get('version')!r}; this torchq reads version {RANGES_VERSION}")
+    raw = data.get("ranges")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'ranges' must be a mapping of tensor name to [min, max]")
+    out = {}
+    for name, pair in raw.items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, (int, float)) for x in pair)) or pair[0] > pair[1]:
+            raise ConfigError(f"{path}: range of tensor {name!r} must be [min, max] with min <= max, got {pair!r}")
+        out[name] = (float(pair[0]), float(pair[1]))
+    return Ranges(out, method=str(data.get("method", "unknown")), percentile=data.get("percentile"))
+
+
+def get_pure_input_names(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs that are not initializers (what a user feeds)."""
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _elem_type(model: onnx.ModelProto) -> dict[str, int]:
+    types = {}
+    for vi in list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def activation_tensors(model: onnx.ModelProto) -> list[str]:
+    """Names of float32 activations: node outputs and pure inputs, in graph order."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types = _elem_type(inferred)
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    names = [i for i in get_pure_input_names(model) if types.get(i) == onnx.TensorProto.FLOAT]
+    for n in model.graph.node:
+        for o in n.output:
+            if o and o not in consts and types.get(o) == onnx.TensorProto.FLOAT and n.op_type not in ("Constant",):
+                names.append(o)
+    return list(dict.fromkeys(names))
+
+
+def _progress(iterable, desc: str, quiet: bool | None):
+    quiet = (not sys.stderr.isatty()) if quiet is None else quiet
+    total = len(iterable) if hasattr(iterable, "__len__") else None
+    return tqdm(iterable, desc=desc, total=total, disable=quiet, unit="sample", leave=False)
+
+
+class Calibrator:
+    """Collects the values of tensors in an ONNX model and computes their ranges.
+
+    `collect_data` may be called several times; statistics accumulate. `compute_range` returns
+    {tensor name: (min, max)} for every float activation that was observed.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto | bytes | str,
+        calibration_method: CalibrationMethod | str = CalibrationMethod.MIN_MAX_ASYM,
+        *,
+        percentage: float = DEFAULT_PERCENTILE,
+        histogram_bins: int = DEFAULT_BINS,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        quiet: bool | None = None,
+    ):
+        self.model = model_io.load_model(model)
+        self.calibration_method = CalibrationMethod.parse(calibration_method)
+        if not 0 < percentage <= 100:
+            raise ConfigError(f"percentage must be in (0, 100], got {percentage}")
+        self.percentage = float(percentage)
+        self.quiet = quiet
+        self.input_names = get_pure_input_names(self.model)
+        self.tensors = activation_tensors(self.model)
+        if not self.tensors:
+            raise InvalidModelError("the model has no float32 activations to calibrate")
+        self.statistics: dict[str, TensorStatistics] = {t: TensorStatistics(histogram_bins) for t in self.tensors}
+        self.samples = 0
+        self._session = self._make_session(providers)
+
+    def _make_session(self, providers: Sequence[str]) -> ort.InferenceSession:
+        exposed = onnx.ModelProto()
+        exposed.CopyFrom(self.model)
+        outputs = {o.name for o in exposed.graph.output}
+        for name in self.tensors:
+            if name not in outputs:
+                exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        options = ort.SessionOptions()
+        # Basic optimizations only: they never remove a tensor that is a graph output.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.log_severity_level = 3
+        try:
+            session = ort.InferenceSession(exposed.SerializeToString(), options, providers=list(providers))
+        except Exception as exc:
+            raise InvalidModelError(f"onnxruntime cannot load the model: {exc}") from None
+        self._input_meta = {i.name: i for i in session.get_inputs()}
+        return session
+
+    def _feeds(self, sample) -> dict[str, np.ndarray]:
+        if isinstance(sample, Mapping):
+            feeds = dict(sample)
+        else:
+            if isinstance(sample, np.ndarray):
+                sample = [sample]
+            sample = list(sample)
+            if len(sample) != len(self.input_names):
+                raise CalibrationError(f"calibration sample {self.samples} has {len(sample)} inputs; the model takes {len(self.input_names)} ({', '.join(self.input_names)})")
+            feeds = dict(zip(self.input_names, sample))
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise CalibrationError(f"calibration sample {self.samples} lacks model input(s) {missing}")
+        for name in self.input_names:
+            feeds[name] = self._check_input(name, np.asarray(feeds[name]))
+        return {k: v for k, v in feeds.items() if k in self._input_meta}
+
+    def _check_input(self, name: str, x: np.ndarray) -> np.ndarray:
+        meta = self._input_meta[name]
+        want = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(bool)": np.bool_, "tensor(float16)": np.float16}.get(meta.type)
+        if want is not None and x.dtype != want:
+            if want == np.float32 and x.dtype == np.float64:
+                x = x.astype(np.float32)
+            else:
+                raise CalibrationError(f"input {name!r} of sample {self.samples}: dtype {x.dtype}, the model expects {np.dtype(want)}")
+        if len(meta.shape) != x.ndim or any(isinstance(d, int) and d != s for d, s in zip(meta.shape, x.shape)):
+            raise CalibrationError(f"input {name!r} of sample {self.samples}: shape {list(x.shape)}, the model expects {meta.shape}")
+        return x
+
+    def collect_data(self, calibration_dataset: Iterable[Sequence[np.ndarray] | Mapping[str, np.ndarray]]) -> None:
+        """Run each sample (a list of inputs in input order, or {input name: array}) and fold it in."""
+        seen = 0
+        for sample in _progress(calibration_dataset, "calibrating", self.quiet):
+            feeds = self._feeds(sample)
+            try:
+                outputs = self._session.run(self.tensors, feeds)
+            except Exception as exc:
+                raise CalibrationError(f"onnxruntime failed on calibration sample {self.samples}: {exc}") from None
+            for name, value in zip(self.tensors, outputs):
+                try:
+                    self.statistics[name].update(value)
+                except NonFiniteError:
+                    raise CalibrationError(f"tensor {name!r} holds NaN or Inf on calibration sample {self.samples}") from None
+            self.samples += 1
+            seen += 1
+        if seen == 0 and self.samples == 0:
+            raise CalibrationError("the calibration dataset is empty")
+
+    def compute_range(self, verbose: bool = False) -> Ranges:
+        if self.samples == 0:
+            raise CalibrationError("no calibration data collected; call collect_data first")
+        method = self.calibration_method
+        ranges = {}
+        for name, stats in self.statistics.items():
+            if stats.empty:
+                continue
+            ranges[name] = select_range(stats, method.method, method.symmetric, percentile=self.percentage)
+            if verbose:
+                print(f"{name}: [{ranges[name][0]:.6g}, {ranges[name][1]:.6g}]")
+        return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None)

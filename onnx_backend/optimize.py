@@ -1,0 +1,102 @@
+"""Graph optimization before quantization; the float function is preserved exactly.
+
+The pipeline is onnxscript's optimizer (constant folding, dead-node removal, common
+subexpression elimination, no-op removal, BatchNorm -> Conv / ConvTranspose / Gemm fusion and
+its other default rewrite rules) plus the rules in `REWRITE_RULES` below, in the style of
+onnxscript's rewriter: each a small pattern and its replacement. Activation fusion
+(Relu / Clip into the producer) changes the float function, so it happens in the quantizer,
+where the quantize step itself performs the clamp.
+
+Tensor names of surviving values are kept (the rewriter carries the replaced value's name over),
+which is what lets calibration statistics stay bound to their tensors through optimization.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+import onnxscript.optimizer
+from onnxscript import rewriter
+from onnxscript.rewriter import pattern
+
+from .errors import InvalidModelError
+from .model_io import MIN_OPSET, default_opset, load_model, upgrade_opset
+
+
+class StandaloneBatchNormToAffine(pattern.RewriteRuleClassBase):
+    """BatchNormalization not preceded by a foldable Conv -> Mul(scale) + Add(shift).
+
+    Runs after the fusion rules, so only BatchNorms that could not be folded remain; the NPU runs
+    Mul and Add, and each gets its own int8 range.
+    """
+
+    def pattern(self, op, x, gamma, beta, mean, var):
+        return op.BatchNormalization(x, gamma, beta, mean, var, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, x, gamma, beta, mean, var, out, **_):
+        result = pattern.MatchResult()
+        if out.producer().attributes.get_int("training_mode", 0):
+            return result.fail("training-mode BatchNormalization")
+        if any(v.const_value is None for v in (gamma, beta, mean, var)):
+            return result.fail("BatchNormalization parameters are not constant")
+        if x.shape is None or x.shape.rank() is None or x.shape.rank() < 2:
+            return result.fail("input rank unknown")
+        return result
+
+    def rewrite(self, op, x, gamma, beta, mean, var, out, **_):
+        eps = out.producer().attributes.get_float("epsilon", 1e-5)
+        g, b, m, v = (t.const_value.numpy().astype(np.float64) for t in (gamma, beta, mean, var))
+        scale = g / np.sqrt(v + eps)
+        shift = b - m * scale
+        shape = (-1,) + (1,) * (x.shape.rank() - 2)
+        dtype = gamma.const_value.numpy().dtype
+        name = out.producer().name or out.name
+        s = op.initializer(ir.tensor(scale.reshape(shape).astype(dtype)), name=f"{name}.scale")
+        t = op.initializer(ir.tensor(shift.reshape(shape).astype(dtype)), name=f"{name}.shift")
+        return op.Add(op.Mul(x, s), t)
+
+
+REWRITE_RULES = [
+    StandaloneBatchNormToAffine.rule(),
+]
+
+
+def optimize_ir(model: ir.Model) -> ir.Model:
+    """Optimize an onnx_ir model in place and return it."""
+    onnxscript.optimizer.optimize_ir(model, num_iterations=3)
+    rewriter.rewrite(model, pattern_rewrite_rules=REWRITE_RULES)
+    common_passes.IdentityEliminationPass()(model)
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.TopologicalSortPass()(model)
+    return model
+
+
+def fix_input_shapes(model: ir.Model, input_shapes: dict[str, list[int | str | None]]) -> None:
+    inputs = {v.name: v for v in model.graph.inputs}
+    for name, shape in input_shapes.items():
+        if name not in inputs:
+            raise InvalidModelError(f"input_shapes names {name!r}, which is not a model input (inputs: {sorted(inputs)})")
+        inputs[name].shape = ir.Shape(list(shape))
+
+
+def optimize_model(
+    model: onnx.ModelProto | str, input_shapes: dict[str, list[int | str | None]] | None = None, *, opset: int | None = None
+) -> onnx.ModelProto:
+    """Optimize a float ONNX model for quantization: fold BatchNorm, fold constants, drop dead code.
+
+    `input_shapes` optionally fixes input dimensions ({name: shape}); dynamic dimensions are
+    otherwise kept. Models below opset 13 are upgraded (per-axis quantization needs it), or to
+    `opset` if given. The input is not modified.
+    """
+    proto = load_model(model)
+    proto = upgrade_opset(proto, max(MIN_OPSET, opset or 0))
+    ir_model = ir.serde.deserialize_model(proto)
+    if input_shapes:
+        fix_input_shapes(ir_model, input_shapes)
+    optimize_ir(ir_model)
+    out = ir.serde.serialize_model(ir_model)
+    if default_opset(out) < MIN_OPSET:
+        raise InvalidModelError("optimization lost the opset upgrade")
+    return out

@@ -1,0 +1,415 @@
+"""Quantization planning: which tensor gets which parameters, by the spec table and the target.
+
+The planner reads an optimized float graph and the chosen ranges, and produces a `QuantPlan`;
+it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
+
+1. A float activation tensor is quantized when a node next to it (its producer, or a consumer
+   reading it as an activation) runs in int8 on the target, and its parameters are known.
+2. Parameters come from, in order: a fixed-output op (Sigmoid/Softmax/Tanh); a same-scale op
+   (the input's parameters pass through); the tensor's own calibrated range.
+3. Relu / Clip(0, x) after an op that absorbs activations (Conv, Gemm, MatMul, Add), when it is
+   that op's only consumer, is removed: the producer writes the activation's output directly,
+   quantized with lo = 0 (and hi <= x), so the quantize step performs the clamp exactly.
+4. Concat / Max / Min share one scale across inputs and output: an input whose producer has
+   its own scale and no other consumer takes the output's parameters; any other input is
+   requantized on that edge.
+5. Weights are int8 symmetric per output channel (spec.weight_axis), widened where needed so
+   the int32 bias (scale = input scale x weight scale) cannot overflow. A MatMul whose output
+   only feeds an Add of a constant vector (a Linear layer) treats that vector as its int32 bias.
+6. Other constant float inputs at activation positions get per-tensor int8 from their values.
+
+Every float tensor next to an int8 node that stays float is listed with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from . import qmath, spec
+from .qmath import QuantParams
+
+Supports = Callable[[ir.Node], tuple[bool, str]]
+FLOAT_TYPES = {ir.DataType.FLOAT}
+
+
+def supports_everything(node: ir.Node) -> tuple[bool, str]:
+    return True, ""
+
+
+@dataclass
+class ConstantQuant:
+    """A constant input quantized into an integer initializer (weight, bias or data)."""
+
+    node: str
+    input_index: int
+    params: QuantParams
+    kind: str  # "weight" | "bias" | "constant"
+
+
+@dataclass
+class QuantPlan:
+    activations: dict[str, QuantParams] = field(default_factory=dict)
+    requantize: list[tuple[str, int, QuantParams]] = field(default_factory=list)
+    absorbed: dict[str, str] = field(default_factory=dict)  # activation node -> producer node
+    constants: list[ConstantQuant] = field(default_factory=list)
+    float_tensors: dict[str, str] = field(default_factory=dict)  # tensor -> why it stays float
+    float_nodes: dict[str, str] = field(default_factory=dict)  # node -> why it runs in float
+    int8_nodes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "quantized_tensors": len(self.activations),
+            "int8_nodes": len(self.int8_nodes),
+            "float_nodes": len(self.float_nodes),
+            "absorbed_activations": len(self.absorbed),
+            "requantized_edges": len(self.requantize),
+            "float_tensors": len(self.float_tensors),
+        }
+
+
+def is_float_activation(v: ir.Value | None) -> bool:
+    return v is not None and v.const_value is None and not v.is_initializer() and v.dtype in FLOAT_TYPES
+
+
+def _const_array(v: ir.Value | None) -> np.ndarray | None:
+    if v is None:
+        return None
+    t = ir.convenience.get_const_tensor(v)
+    return None if t is None else t.numpy()
+
+
+def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """(min, max) of a Relu or a Clip with constant bounds; None otherwise."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    if node.op_type != "Clip":
+        return None
+    lo = _const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else np.float32(-np.inf)
+    hi = _const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.float32(np.inf)
+    if lo is None or hi is None:
+        return None
+    return float(lo), float(hi)
+
+
+class Planner:
+    def __init__(
+        self,
+        model: ir.Model,
+        ranges: Mapping[str, tuple[float, float]],
+        *,
+        per_channel: bool = True,
+        supports: Supports = supports_everything,
+        exclude_nodes: set[str] | frozenset[str] = frozenset(),
+        exclude_tensors: set[str] | frozenset[str] = frozenset(),
+        symmetric_constants: bool = False,
+    ):
+        self.graph = model.graph
+        self.ranges = ranges
+        self.per_channel = per_channel
+        self.supports = supports
+        self.exclude_nodes = set(exclude_nodes) | self._producers_of(exclude_tensors)
+        self.symmetric_constants = symmetric_constants
+        self.plan = QuantPlan()
+        self.int8: dict[int, bool] = {}
+        self.biases_of_matmul: dict[str, tuple[ir.Node, int]] = {}  # matmul name -> (add, index)
+
+    def _producers_of(self, tensors) -> set[str]:
+        """Nodes producing `tensors`, and the unobserved nodes that only feed those (the rest of
+        an op the exporter decomposed, e.g. the MatMul of a Linear whose Add was excluded)."""
+        tensors = set(tensors)
+        excluded: set[str] = set()
+        for node in reversed(list(self.graph)):
+            outs = [o for o in node.outputs if o is not None]
+            if any(o.name in tensors for o in outs):
+                excluded.add(node.name)
+            elif outs and all(o.name not in self.ranges and o.uses() and all(u.node.name in excluded for u in o.uses()) for o in outs):
+                excluded.add(node.name)
+        return excluded
+
+    # ---- which nodes run in int8 -------------------------------------------------------------
+
+    def _decide_nodes(self) -> None:
+        for node in self.graph:
+            rule = spec.rule_for(node.op_type)
+            name = node.name
+            if rule.output is spec.OutputScale.NONE or node.op_type in spec.SHAPE_OPS:
+                ok, why = False, "not a float activation op"
+            elif name in self.exclude_nodes:
+                ok, why = False, "excluded by configuration"
+            elif not any(is_float_activation(node.inputs[i]) for i in spec.activation_input_indices(node.op_type, len(node.inputs)) if node.inputs[i] is not None) and not any(is_float_activation(o) for o in node.outputs):
+                ok, why = False, "no float activations"
+            else:
+                ok, why = self.supports(node)
+            self.int8[id(node)] = ok
+            if ok:
+                self.plan.int8_nodes.append(name)
+            elif why not in ("not a float activation op", "no float activations"):
+                self.plan.float_nodes[name] = why
+
+    def runs_int8(self, node: ir.Node | None) -> bool:
+        return node is not None and self.int8.get(id(node), False)
+
+    def _reads_as_activation(self, node: ir.Node, index: int) -> bool:
+        return index in spec.activation_input_indices(node.op_type, len(node.inputs))
+
+    def _next_to_int8(self, v: ir.Value) -> bool:
+        if self.runs_int8(v.producer()):
+            return True
+        return any(self.runs_int8(u.node) and self._reads_as_activation(u.node, u.idx) for u in v.uses())
+
+    # ---- activation parameters -----------------------------------------------------------------
+
+    def _own_params(self, name: str, *, clamp: tuple[float, float] | None = None) -> QuantParams | None:
+        r = self.ranges.get(name)
+        if r is None:
+            return None
+        lo, hi = float(r[0]), float(r[1])
+        if clamp is not None:
+            lo, hi = max(lo, clamp[0]), min(hi, clamp[1])
+            lo = clamp[0] if clamp[0] == 0 else lo  # absorbed Relu: zero point at qmin, exactly
+            hi = max(hi, lo)
+        symmetric = lo < 0 and lo == -hi  # a range symmetric about 0 gets zero point 0
+        return qmath.activation_params(lo, hi, symmetric=symmetric)
+
+    def _absorbable(self, act: ir.Node) -> tuple[float, float] | None:
+        """Clip bounds if `act` can be absorbed into its producer, else None."""
+        bounds = clip_bounds(act)
+        if bounds is None or bounds[0] != 0.0:
+            return None
+        x = act.inputs[0]
+        producer = x.producer() if x is not None else None
+        if producer is None or not self.runs_int8(producer) or not self.runs_int8(act):
+            return None
+        if not spec.rule_for(producer.op_type).absorbs_activation:
+            return None
+        if len(x.uses()) != 1 or x.is_graph_output():
+            return None
+        return bounds
+
+    def _plan_activations(self) -> None:
+        params = self.plan.activations
+        for v in self.graph.inputs:
+            if is_float_activation(v) and self._next_to_int8(v) and v.name not in params:
+                p = self._own_params(v.name)
+                if p is None:
+                    self.plan.float_tensors[v.name] = "no calibration statistics for this model input"
+                else:
+                    params[v.name] = p
+        for node in self.graph:
+            if node.op_type in spec.ACTIVATIONS_THAT_FUSE:
+                bounds = self._absorbable(node)
+                if bounds is not None:
+                    self._absorb(node, bounds)
+                    continue
+            rule = spec.rule_for(node.op_type)
+            for out in node.outputs:
+                if not is_float_activation(out) or not self._next_to_int8(out) or out.name in params:
+                    continue
+                p = self._derived_params(node, rule, out)
+                if p is None:
+                    p = self._own_params(out.name)
+                if p is None:
+                    self.plan.float_tensors[out.name] = "no calibration statistics for this tensor"
+                    continue
+                params[out.name] = p
+            if self.runs_int8(node) and rule.all_inputs_share_scale:
+                self._share_scale(node)
+
+    def _derived_params(self, node: ir.Node, rule: spec.OpRule, out: ir.Value) -> QuantParams | None:
+        if not self.runs_int8(node):
+            return None
+        if rule.output is spec.OutputScale.FIXED:
+            scale, zero = rule.fixed
+            return QuantParams(np.float32(scale), np.int8(zero))
+        if rule.output is spec.OutputScale.SAME_AS_INPUT and not rule.all_inputs_share_scale:
+            x = node.inputs[0]
+            source = self._activation_params_of(x)
+            if source is not None:
+                return source
+            if x is not None and x.const_value is not None and node.op_type == "Gather":
+                return self._constant_params(_const_array(x))
+        if rule.all_inputs_share_scale and out.name not in self.ranges:
+            ins = [self.ranges.get(i.name) for i in node.inputs if i is not None and is_float_activation(i)]
+            if ins and all(r is not None for r in ins):
+                return qmath.activation_params(min(r[0] for r in ins), max(r[1] for r in ins))
+        return None
+
+    def _activation_params_of(self, v: ir.Value | None) -> QuantParams | None:
+        if v is None:
+            return None
+        producer = v.producer()
+        if v.name in self.plan.activations:
+            return self.plan.activations[v.name]
+        if producer is not None and producer.name in self.plan.absorbed:
+            return self.plan.activations.get(producer.outputs[0].name)
+        return None
+
+    def _absorb(self, act: ir.Node, bounds: tuple[float, float]) -> None:
+        x, out = act.inputs[0], act.outputs[0]
+        p = self._own_params(out.name, clamp=bounds)
+        if p is None:  # no statistics for the activation's output: use its input's, clamped
+            p = self._own_params(x.name, clamp=bounds)
+        if p is None:
+            self.plan.float_tensors[out.name] = "no calibration statistics for this tensor"
+            return
+        self.plan.absorbed[act.name] = x.producer().name
+        self.plan.activations[out.name] = p
+
+    def _share_scale(self, node: ir.Node) -> None:
+        out = node.outputs[0]
+        shared = self.plan.activations.get(out.name)
+        if shared is None:
+            return
+        for i, x in enumerate(node.inputs):
+            if x is None or not is_float_activation(x):
+                continue
+            current = self._activation_params_of(x)
+            if current is not None and current.same_as(shared):
+                continue
+            if current is not None and self._can_take_params(x, shared):
+                self.plan.activations[x.name] = shared
+            else:
+                self.plan.requantize.append((node.name, i, shared))
+
+    def _can_take_params(self, x: ir.Value, shared: QuantParams) -> bool:
+        producer = x.producer()
+        if producer is None or x.is_graph_output() or len(x.uses()) != 1 or not self.runs_int8(producer):
+            return False
+        if spec.rule_for(producer.op_type).output is not spec.OutputScale.OWN:
+            return False
+        if producer.name in self.plan.absorbed or producer.op_type in spec.ACTIVATIONS_THAT_FUSE:
+            lo, _ = shared.range()
+            return lo == 0.0
+        return True
+
+    # ---- weights, biases, constants ------------------------------------------------------------
+
+    def _input_scale(self, node: ir.Node) -> float | None:
+        p = self._activation_params_of(node.inputs[0])
+        return None if p is None else float(p.scale)
+
+    def _matmul_bias(self, node: ir.Node, n_out: int) -> tuple[ir.Node, int] | None:
+        """The Add that adds a constant (N,) vector to this MatMul's output, if it is the only use."""
+        out = node.outputs[0]
+        uses = list(out.uses())
+        if len(uses) != 1 or out.is_graph_output() or uses[0].node.op_type != "Add" or not self.runs_int8(uses[0].node):
+            return None
+        add = uses[0].node
+        other = 1 - uses[0].idx
+        b = _const_array(add.inputs[other])
+        if b is None or b.ndim != 1 or b.shape[0] != n_out or b.dtype != np.float32:
+            return None
+        return add, other
+
+    def _plan_weights(self) -> None:
+        for node in self.graph:
+            rule = spec.rule_for(node.op_type)
+            if not self.runs_int8(node):
+                continue
+            w_idx = rule.weight_input
+            w = _const_array(node.inputs[w_idx]) if w_idx is not None and w_idx < len(node.inputs) else None
+            if w is not None and w.dtype == np.float32 and w.ndim >= 2:
+                self._plan_weight(node, rule, w)
+            self._plan_constants(node)
+
+    def _plan_weight(self, node: ir.Node, rule: spec.OpRule, w: np.ndarray) -> None:
+        in_scale = self._input_scale(node)
+        if in_scale is None:
+            self.plan.float_nodes[node.name] = "its input activation is not quantized, so its weights stay float"
+            self.int8[id(node)] = False
+            return
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        axis = spec.weight_axis(node.op_type, attrs, w.shape) if self.per_channel else None
+        n_channels = w.shape[axis] if axis is not None else 1
+        bias_at: tuple[ir.Node, int] | None = None
+        if rule.bias_input is not None and rule.bias_input < len(node.inputs) and node.inputs[rule.bias_input] is not None:
+            bias_at = (node, rule.bias_input)
+        elif node.op_type == "MatMul" and w.ndim == 2:
+            bias_at = self._matmul_bias(node, w.shape[-1])
+        bias = _const_array(bias_at[0].inputs[bias_at[1]]) if bias_at else None
+        if bias is not None and (bias.ndim != 1 or bias.dtype != np.float32):
+            bias_at, bias = None, None
+        min_scale = 0.0
+        if bias is not None:
+            per_out = qmath.min_weight_scale_for_bias(bias, in_scale)
+            min_scale = self._bias_to_weight_channels(per_out, node, w, axis)
+        wp = qmath.weight_params(w, axis, min_scale=min_scale)
+        self.plan.constants.append(ConstantQuant(node.name, rule.weight_input, wp, "weight"))
+        if bias is not None:
+            bp = self._bias_params(in_scale, wp, node, w, bias.shape[0])
+            self.plan.constants.append(ConstantQuant(bias_at[0].name, bias_at[1], bp, "bias"))
+            if bias_at[0] is not node:  # MatMul + Add: the MatMul output is the accumulator
+                self.plan.activations.pop(node.outputs[0].name, None)
+                self.biases_of_matmul[node.name] = bias_at
+                self.plan.float_tensors.pop(node.outputs[0].name, None)
+
+    def _bias_to_weight_channels(self, per_out: np.ndarray, node: ir.Node, w: np.ndarray, axis: int | None):
+        if axis is None:
+            return float(np.max(per_out, initial=0.0))
+        if node.op_type == "ConvTranspose" and axis == 1:
+            groups = per_out.shape[0] // w.shape[1]
+            return per_out.reshape(groups, w.shape[1]).max(axis=0)
+        return per_out
+
+    def _bias_params(self, in_scale: float, wp: QuantParams, node: ir.Node, w: np.ndarray, n_out: int) -> QuantParams:
+        if wp.axis is None:
+            return qmath.bias_params(in_scale, wp)
+        scale = wp.scale
+        if node.op_type == "ConvTranspose" and wp.axis == 1 and scale.shape[0] != n_out:
+            scale = np.tile(scale, n_out // scale.shape[0])  # output channel o uses scale o % (C_out / group)
+        per_channel = QuantParams(scale, np.zeros(scale.shape, np.int8), qmath.QType.INT8_NARROW, 0)
+        return qmath.bias_params(in_scale, per_channel)
+
+    def _plan_constants(self, node: ir.Node) -> None:
+        taken = {(c.node, c.input_index) for c in self.plan.constants}
+        for i in spec.activation_input_indices(node.op_type, len(node.inputs)):
+            v = node.inputs[i]
+            if v is None or (node.name, i) in taken or v.dtype not in FLOAT_TYPES:
+                continue
+            arr = _const_array(v)
+            if arr is None or arr.size == 0:
+                continue
+            if not np.all(np.isfinite(arr)):
+                self.plan.float_tensors[v.name] = "constant holds Inf/NaN"
+                continue
+            p = self._constant_params(arr)
+            self.plan.constants.append(ConstantQuant(node.name, i, p, "constant"))
+
+    def _constant_params(self, arr: np.ndarray) -> QuantParams:
+        lo, hi = float(np.min(arr)), float(np.max(arr))
+        if self.symmetric_constants and lo < 0:
+            a = max(-lo, hi)
+            return qmath.activation_params(-a, a, symmetric=True)
+        return qmath.activation_params(lo, hi)
+
+    # ---- report ----------------------------------------------------------------------------------
+
+    def _report_unquantized(self) -> None:
+        """List float activations next to int8 nodes that got no parameters."""
+        for node in self.graph:
+            if not self.runs_int8(node):
+                continue
+            for i in spec.activation_input_indices(node.op_type, len(node.inputs)):
+                v = node.inputs[i]
+                if is_float_activation(v) and v.name not in self.plan.activations and v.name not in self.plan.float_tensors:
+                    producer = v.producer()
+                    if producer is not None and self.biases_of_matmul.get(producer.name, (None,))[0] is node:
+                        continue
+                    if producer is not None and producer.name in self.plan.absorbed:
+                        continue
+                    self.plan.float_tensors[v.name] = "no calibration statistics for this tensor"
+
+    def run(self) -> QuantPlan:
+        self._decide_nodes()
+        self._plan_activations()
+        self._plan_weights()
+        self._report_unquantized()
+        return self.plan
+
+
+def plan_quantization(model: ir.Model, ranges: Mapping[str, tuple[float, float]], **kwargs) -> QuantPlan:
+    return Planner(model, ranges, **kwargs).run()

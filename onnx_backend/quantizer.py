@@ -1,0 +1,129 @@
+"""`quantize(model, ranges)`: float ONNX + tensor ranges -> TFLite-spec QDQ ONNX."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from .errors import InvalidModelError
+from .model_editor import apply_pending
+from .model_io import MIN_OPSET, load_model, upgrade_opset
+from .optimize import optimize_ir
+from .planner import QuantPlan, Supports, plan_quantization, supports_everything
+from .qdq import apply_plan
+
+
+@dataclass
+class QuantizationReport:
+    """What was quantized and, for everything that was not, why."""
+
+    plan: QuantPlan
+    float_tensors: dict[str, str] = field(default_factory=dict)
+    float_nodes: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "summary": self.plan.summary(),
+            "float_tensors": dict(sorted(self.float_tensors.items())),
+            "float_nodes": dict(sorted(self.float_nodes.items())),
+            "absorbed_activations": sorted(self.plan.absorbed),
+            "requantized_edges": [f"{n}[{i}]" for n, i, _ in self.plan.requantize],
+        }
+
+    def describe(self) -> str:
+        s = self.plan.summary()
+        lines = [f"{s['quantized_tensors']} tensors quantized, {s['int8_nodes']} nodes in int8, {len(self.float_nodes)} in float"]
+        for name, why in sorted(self.float_tensors.items()):
+            lines.append(f"  float tensor {name}: {why}")
+        for name, why in sorted(self.float_nodes.items()):
+            lines.append(f"  float node   {name}: {why}")
+        return "\n".join(lines)
+
+
+def resolve_target(target) -> Supports:
+    """A target name ('warboy', 'tflite'), an object with .supports(node), or None (everything)."""
+    if target is None:
+        return supports_everything
+    if isinstance(target, str):
+        from npu.target import load_target  # npu builds on this package; import lazily
+
+        target = load_target(target)
+    return target.supports
+
+
+def _prepare_ir(model, opset: int | None, optimize: bool) -> ir.Model:
+    proto = load_model(model)
+    proto = upgrade_opset(proto, max(MIN_OPSET, opset or 0))
+    try:
+        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+    except Exception:  # shape inference is a help, not a requirement
+        pass
+    ir_model = ir.serde.deserialize_model(proto)
+    if optimize:
+        optimize_ir(ir_model)
+    common_passes.NameFixPass()(ir_model)
+    if not any(v.dtype == ir.DataType.FLOAT for n in ir_model.graph for v in n.outputs if v is not None) and not any(
+        v.dtype == ir.DataType.FLOAT for v in ir_model.graph.inputs
+    ):
+        raise InvalidModelError("the model has no float32 tensors to quantize")
+    return ir_model
+
+
+def match_nodes(model: ir.Model, patterns: Iterable[str]) -> set[str]:
+    """Names of nodes whose name or op type matches any glob pattern."""
+    patterns = list(patterns)
+    return {n.name for n in model.graph if any(fnmatch.fnmatchcase(n.name, p) or n.op_type == p for p in patterns)}
+
+
+def quantize_with_report(
+    model: onnx.ModelProto | str | bytes,
+    ranges: Mapping[str, tuple[float, float]],
+    *,
+    per_channel: bool = True,
+    target=None,
+    exclude_nodes: Iterable[str] = (),
+    exclude_tensors: Iterable[str] = (),
+    opset: int | None = None,
+    optimize: bool = True,
+) -> tuple[onnx.ModelProto, QuantizationReport]:
+    """Quantize and also return the report of what stayed in float and why."""
+    ir_model = _prepare_ir(model, opset, optimize)
+    excluded = match_nodes(ir_model, exclude_nodes)
+    plan = plan_quantization(
+        ir_model, ranges, per_channel=per_channel, supports=resolve_target(target), exclude_nodes=excluded, exclude_tensors=set(exclude_tensors)
+    )
+    apply_plan(ir_model, plan)
+    proto = apply_pending(ir.serde.serialize_model(ir_model))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        raise InvalidModelError(f"internal error: the quantized model does not pass onnx.checker: {exc}") from exc
+    return proto, QuantizationReport(plan, dict(plan.float_tensors), dict(plan.float_nodes))
+
+
+def quantize(
+    model: onnx.ModelProto | str | bytes,
+    ranges: Mapping[str, tuple[float, float]],
+    *,
+    per_channel: bool = True,
+    target=None,
+    exclude_nodes: Iterable[str] = (),
+    opset: int | None = None,
+    optimize: bool = True,
+) -> onnx.ModelProto:
+    """Quantize a float ONNX model with the given tensor ranges into a TFLite-spec QDQ model.
+
+    `ranges` maps tensor names to (min, max), as `Calibrator.compute_range()` returns them; a range
+    symmetric about 0 gets zero point 0. Tensors without a range stay float (see
+    `quantize_with_report` for the list and the reasons). `target` ('warboy', 'tflite' or None for
+    every op) decides which ops run in int8. `exclude_nodes` are node names or op types (globs)
+    kept in float. The input model is not modified.
+    """
+    return quantize_with_report(
+        model, ranges, per_channel=per_channel, target=target, exclude_nodes=exclude_nodes, opset=opset, optimize=optimize
+    )[0]

@@ -1,0 +1,310 @@
+"""Range selection: from a tensor's streaming statistics to the real interval [lo, hi] to quantize.
+
+This is the one place ranges are chosen; the PyTorch observers and the ONNX calibrator both
+end here. Every method returns an interval that contains 0 and lies within the observed
+[min, max] (widened to include 0). Exact definitions are in docs/METHODS.md; in short, with the
+histogram's bins represented by their centres x_i and counts c_i:
+
+* min_max     -- [min, max].
+* percentile  -- asymmetric: the central p % of the mass, i.e. quantiles (1 - p)/2 and
+                 1 - (1 - p)/2; symmetric: the p-th percentile of |x|. Linear within a bin.
+* mse         -- argmin over candidate ranges of  E_clip + E_round,  where
+                 E_clip = sum_i c_i (x_i - clamp(x_i, lo, hi))^2 and E_round = n_in * step^2 / 12.
+* sqnr        -- argmax of SQNR = sum_i c_i x_i^2 / (gamma * E_clip + E_round), gamma = 3 by
+                 default (clipping noise weighted as in AIMET's SQNR encoding analyzer, because
+                 clipped errors are large and correlated). gamma = 1 would make it MSE.
+* entropy     -- argmin over candidate ranges of KL(P || Q): P is the histogram restricted to
+                 the range with the mass outside folded into the edge bins, Q is P merged into
+                 the number of quantization levels and spread back over P's non-empty bins
+                 (TensorRT's algorithm; the asymmetric variant searches both edges).
+
+Candidate thresholds are the histogram's bin edges. Symmetric methods work on |x| (the
+histogram folded at 0) and return [-a, a]; a tensor that is never negative gets [0, a] with all
+256 levels. Asymmetric methods never move the lower edge below 0 for never-negative tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import numpy as np
+
+from .statistics import TensorStatistics
+
+DEFAULT_PERCENTILE = 99.99
+DEFAULT_SQNR_GAMMA = 3.0
+LEVELS = 256  # int8
+SYMMETRIC_LEVELS = 128  # magnitudes 0..127 of a symmetric int8 range
+MAX_GRID = 512  # candidates per edge for the O(1)-per-candidate 2-D searches
+MAX_GRID_ENTROPY = 64  # entropy costs O(levels) per candidate
+
+
+class Method(str, Enum):
+    MIN_MAX = "min_max"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+    ENTROPY = "entropy"
+    SQNR = "sqnr"
+
+
+def select_range(
+    stats: TensorStatistics,
+    method: Method | str,
+    symmetric: bool = False,
+    *,
+    percentile: float = DEFAULT_PERCENTILE,
+    sqnr_gamma: float = DEFAULT_SQNR_GAMMA,
+) -> tuple[float, float]:
+    """The range [lo, hi] (lo <= 0 <= hi) chosen by `method` from `stats`."""
+    method = Method(method)
+    if stats.empty:
+        raise ValueError("no calibration data was observed for this tensor")
+    if not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    lo, hi = min(stats.min, 0.0), max(stats.max, 0.0)
+    if lo == hi:  # all zeros
+        return 0.0, 0.0
+    never_negative = stats.min >= 0
+    if method is Method.MIN_MAX:
+        chosen = _min_max(lo, hi, symmetric)
+    elif symmetric or never_negative:
+        counts, width = stats.folded_abs() if not never_negative else _nonnegative_bins(stats)
+        levels = LEVELS if never_negative else SYMMETRIC_LEVELS
+        a = _ONE_SIDED[method](counts, width, levels, percentile=percentile, gamma=sqnr_gamma)
+        a = min(a, max(-lo, hi))
+        chosen = (0.0, a) if never_negative else (-a, a)
+    else:
+        chosen = _TWO_SIDED[method](stats, percentile=percentile, gamma=sqnr_gamma)
+    return _contain_zero_and_clamp(chosen, lo, hi, symmetric and not never_negative)
+
+
+def _contain_zero_and_clamp(r: tuple[float, float], lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
+    a, b = min(float(r[0]), 0.0), max(float(r[1]), 0.0)
+    if symmetric:
+        m = min(max(-a, b), max(-lo, hi))
+        return -m, m
+    return max(a, lo), min(b, hi)
+
+
+def _min_max(lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
+    if symmetric and lo < 0:
+        a = max(-lo, hi)
+        return -a, a
+    return lo, hi
+
+
+def _nonnegative_bins(stats: TensorStatistics) -> tuple[np.ndarray, float]:
+    """Histogram from bin 0 upwards (the tensor is never negative)."""
+    counts = stats.counts[max(0, -stats.offset) :]
+    return np.concatenate([np.zeros(max(0, stats.offset), dtype=np.int64), counts]), stats.bin_width
+
+
+# ---- one-sided searches: thresholds a = k * width on a histogram of magnitudes ----------------
+
+
+def _percentile_one_sided(counts: np.ndarray, width: float, levels: int, *, percentile: float, **_) -> float:
+    return _quantile(counts, 0.0, width, percentile / 100.0)
+
+
+def _quantile(counts: np.ndarray, first_edge: float, width: float, q: float) -> float:
+    """The q-quantile of a histogram, linear within the bin it falls in."""
+    cum = np.cumsum(counts, dtype=np.float64)
+    total = cum[-1]
+    target = q * total
+    k = int(np.searchsorted(cum, target, side="left"))
+    k = min(k, counts.size - 1)
+    before = cum[k - 1] if k > 0 else 0.0
+    frac = 0.0 if counts[k] == 0 else (target - before) / counts[k]
+    return first_edge + (k + min(max(frac, 0.0), 1.0)) * width
+
+
+def _tail_sums(counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Prefix sums (exclusive, length n+1) of c, c*x, c*x^2 with x the bin centre in bin units."""
+    c = counts.astype(np.float64)
+    x = np.arange(counts.size, dtype=np.float64) + 0.5
+    zero = np.zeros(1)
+    return tuple(np.concatenate([zero, np.cumsum(v)]) for v in (c, c * x, c * x * x))
+
+
+def _noise_one_sided(counts: np.ndarray, levels: int, gamma: float) -> np.ndarray:
+    """Clip + rounding noise for every threshold edge k = 1..n (in bin units^2)."""
+    C, S1, S2 = _tail_sums(counts)
+    k = np.arange(1, counts.size + 1, dtype=np.float64)
+    idx = np.arange(1, counts.size + 1)
+    above_c, above_s1, above_s2 = C[-1] - C[idx], S1[-1] - S1[idx], S2[-1] - S2[idx]
+    clip = above_s2 - 2 * k * above_s1 + k * k * above_c
+    step = k / (levels - 1)
+    rounding = C[idx] * step * step / 12.0
+    return gamma * np.maximum(clip, 0.0) + rounding
+
+
+def _mse_one_sided(counts: np.ndarray, width: float, levels: int, **_) -> float:
+    noise = _noise_one_sided(counts, levels, 1.0)
+    return (int(np.argmin(noise)) + 1) * width
+
+
+def _sqnr_one_sided(counts: np.ndarray, width: float, levels: int, *, gamma: float, **_) -> float:
+    noise = _noise_one_sided(counts, levels, gamma)
+    return (int(np.argmin(noise)) + 1) * width  # signal power is fixed: max SQNR = min noise
+
+
+def _entropy_one_sided(counts: np.ndarray, width: float, levels: int, **_) -> float:
+    n = counts.size
+    if n <= levels:
+        return n * width
+    ends = np.arange(levels, n + 1)  # window [0, end)
+    kl = _kl_windows(counts, np.zeros_like(ends), ends, levels)
+    return int(ends[int(np.argmin(kl))]) * width
+
+
+# ---- two-sided searches over (lo edge, hi edge) --------------------------------------------------
+
+
+def _two_sided_grid(stats: TensorStatistics, max_grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate edge indices (into stats.edges()) below and above zero, at most max_grid each."""
+    zero = -stats.offset  # edge index of 0.0 (edges are aligned at 0)
+    n = stats.counts.size
+    zero = min(max(zero, 0), n)
+    below = np.unique(np.linspace(0, zero, min(zero + 1, max_grid)).round().astype(np.int64))
+    above = np.unique(np.linspace(zero, n, min(n - zero + 1, max_grid)).round().astype(np.int64))
+    return below, above
+
+
+def _percentile_two_sided(stats: TensorStatistics, *, percentile: float, **_) -> tuple[float, float]:
+    tail = (1.0 - percentile / 100.0) / 2.0
+    first = stats.offset * stats.bin_width
+    lo = _quantile(stats.counts, first, stats.bin_width, tail)
+    hi = _quantile(stats.counts, first, stats.bin_width, 1.0 - tail)
+    return lo, hi
+
+
+def _noise_two_sided(stats: TensorStatistics, lo_idx: np.ndarray, hi_idx: np.ndarray, gamma: float) -> np.ndarray:
+    """Noise for every (lo edge, hi edge) pair, shape (len(lo_idx), len(hi_idx)), bin units^2."""
+    C, S1, S2 = _tail_sums(stats.counts)
+    L = lo_idx[:, None].astype(np.float64)
+    H = hi_idx[None, :].astype(np.float64)
+    a, b = lo_idx[:, None], hi_idx[None, :]
+    below = S2[a] - 2 * L * S1[a] + L * L * C[a]
+    above = (S2[-1] - S2[b]) - 2 * H * (S1[-1] - S1[b]) + H * H * (C[-1] - C[b])
+    step = (H - L) / (LEVELS - 1)
+    rounding = (C[b] - C[a]) * step * step / 12.0
+    return gamma * (np.maximum(below, 0.0) + np.maximum(above, 0.0)) + rounding
+
+
+def _argmin_window(stats: TensorStatistics, score) -> tuple[float, float]:
+    lo_idx, hi_idx = _two_sided_grid(stats, MAX_GRID)
+    values = score(lo_idx, hi_idx)
+    i, j = np.unravel_index(int(np.argmin(values)), values.shape)
+    edges = stats.edges()
+    return float(edges[lo_idx[i]]), float(edges[hi_idx[j]])
+
+
+def _mse_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:
+    return _argmin_window(stats, lambda lo, hi: _noise_two_sided(stats, lo, hi, 1.0))
+
+
+def _sqnr_two_sided(stats: TensorStatistics, *, gamma: float, **_) -> tuple[float, float]:
+    return _argmin_window(stats, lambda lo, hi: _noise_two_sided(stats, lo, hi, gamma))
+
+
+def _entropy_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:
+    counts, n = stats.counts, stats.counts.size
+    if n <= LEVELS:
+        return stats.min, stats.max
+    lo_idx, hi_idx = _two_sided_grid(stats, MAX_GRID_ENTROPY)
+    best = _best_window(counts, lo_idx, hi_idx)
+    # Refine at full resolution around the coarse optimum.
+    step_lo = max(1, int(np.max(np.diff(lo_idx), initial=1)))
+    step_hi = max(1, int(np.max(np.diff(hi_idx), initial=1)))
+    zero = min(max(-stats.offset, 0), n)
+    lo_fine = np.arange(max(0, best[0] - step_lo), min(zero, best[0] + step_lo) + 1)
+    hi_fine = np.arange(max(zero, best[1] - step_hi), min(n, best[1] + step_hi) + 1)
+    best = _best_window(counts, lo_fine, hi_fine, fallback=best)
+    edges = stats.edges()
+    return float(edges[best[0]]), float(edges[best[1]])
+
+
+def _best_window(counts, lo_idx, hi_idx, fallback=None) -> tuple[int, int]:
+    a, b = np.meshgrid(lo_idx, hi_idx, indexing="ij")
+    a, b = a.ravel(), b.ravel()
+    ok = (b - a) >= LEVELS
+    if not ok.any():
+        return fallback if fallback is not None else (int(lo_idx[0]), int(hi_idx[-1]))
+    a, b = a[ok], b[ok]
+    kl = _kl_windows(counts, a, b, LEVELS)
+    k = int(np.argmin(kl))
+    return int(a[k]), int(b[k])
+
+
+def _xlogx(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
+
+
+def _kl_windows(counts: np.ndarray, starts: np.ndarray, ends: np.ndarray, levels: int) -> np.ndarray:
+    """KL(P || Q) for each window [start, end) of bins, vectorised (TensorRT's definition).
+
+    P: the window's counts with the mass below and above folded into its first and last bin,
+    normalised by the total N. Q: the window's counts *without* the folded mass, merged into
+    `levels` groups (boundaries start + floor(k * len / levels)), each group's mass M_j spread
+    uniformly over the n_j bins where P is non-zero, normalised by the window mass W. Then
+
+        KL = (1/N) [ sum_i c'_i log c'_i  -  sum_j C'_j log(M_j / n_j) ]  -  log N  +  log W
+
+    with C'_j the folded mass of group j. A group whose M_j is 0 while P has mass there (only
+    folded outliers) is smoothed to half a count.
+    """
+    c = counts.astype(np.float64)
+    C = np.concatenate([[0.0], np.cumsum(c)])
+    PL = np.concatenate([[0.0], np.cumsum(_xlogx(c))])
+    NZ = np.concatenate([[0], np.cumsum(c > 0)])
+    total = C[-1]
+    starts, ends = starts.astype(np.int64), ends.astype(np.int64)
+    below = C[starts]
+    above = total - C[ends]
+    first_c, last_c = c[starts], c[ends - 1]
+    plogp = PL[ends] - PL[starts] - _xlogx(first_c) - _xlogx(last_c) + _xlogx(first_c + below) + _xlogx(last_c + above)
+    k = np.arange(levels + 1)
+    bounds = starts[:, None] + ((ends - starts)[:, None] * k[None, :]) // levels  # (windows, levels+1)
+    unfolded = np.diff(C[bounds], axis=1)
+    folded = unfolded.copy()
+    folded[:, 0] += below
+    folded[:, -1] += above
+    nonzero = np.diff(NZ[bounds], axis=1).astype(np.float64)
+    nonzero[:, 0] += (first_c == 0) & (below > 0)
+    nonzero[:, -1] += (last_c == 0) & (above > 0)
+    q_mass = np.maximum(unfolded, 0.5)
+    safe_n = np.maximum(nonzero, 1.0)
+    q_term = np.where(folded > 0, folded * np.log(q_mass / safe_n), 0.0).sum(axis=1)
+    window = np.maximum(C[ends] - C[starts], 0.5)
+    return (plogp - q_term) / total - np.log(total) + np.log(window)
+
+
+_ONE_SIDED = {
+    Method.PERCENTILE: _percentile_one_sided,
+    Method.MSE: _mse_one_sided,
+    Method.SQNR: _sqnr_one_sided,
+    Method.ENTROPY: _entropy_one_sided,
+}
+_TWO_SIDED = {
+    Method.PERCENTILE: _percentile_two_sided,
+    Method.MSE: _mse_two_sided,
+    Method.SQNR: _sqnr_two_sided,
+    Method.ENTROPY: _entropy_two_sided,
+}
+
+
+def expected_noise(stats: TensorStatistics, lo: float, hi: float, gamma: float = 1.0) -> float:
+    """Expected clip (weighted by gamma) + rounding noise per element of quantizing to [lo, hi].
+
+    The same model of noise the mse/sqnr methods minimise, in real units; used by reports.
+    """
+    if stats.empty:
+        return math.nan
+    x = (np.arange(stats.counts.size) + stats.offset + 0.5) * stats.bin_width
+    c = stats.counts.astype(np.float64)
+    clip = np.sum(c * (x - np.clip(x, lo, hi)) ** 2)
+    step = (hi - lo) / (LEVELS - 1)
+    inside = np.sum(c[(x >= lo) & (x <= hi)])
+    return float((gamma * clip + inside * step * step / 12.0) / stats.count)

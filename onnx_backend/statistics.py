@@ -1,0 +1,172 @@
+"""Streaming, mergeable statistics of one tensor: exact min/max plus a histogram that widens.
+
+Bin geometry (shared by the numpy path here and the on-device torch observer in torchq):
+bin k covers [k * 2**e, (k + 1) * 2**e). Widths are powers of two and edges are aligned at 0, so
+
+* widening is exact: going from exponent e to e + 1 merges bins pairwise (k -> k >> 1);
+* merging two histograms is exact: coarsen both to the larger exponent, then add;
+* the exponent is a function of the global min and max only (the smallest e for which the data
+  spans at most `max_bins` bins, and never finer than the data's own float resolution), so the
+  result does not depend on the order of the batches or on how the data was sharded across ranks;
+* |x| is a fold of the same bins around 0, which the symmetric methods use.
+
+Memory is O(max_bins), whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_BINS = 4096
+# Bins no finer than 2**-100 (keeps 2**-e finite in float32) and no finer than the data's own
+# resolution (2**(exponent of max|x| - 40)), so bin indices stay well inside int64.
+MIN_EXPONENT = -100
+RESOLUTION_BITS = 40
+
+
+class NonFiniteError(ValueError):
+    """Calibration data holds NaN or Inf."""
+
+
+def _spans(lo: float, hi: float, e: int) -> int:
+    w = math.ldexp(1.0, -e)
+    return math.floor(hi * w) - math.floor(lo * w) + 1
+
+
+def required_exponent(lo: float, hi: float, max_bins: int) -> int:
+    """Smallest bin exponent for which [lo, hi] spans at most `max_bins` bins."""
+    magnitude = max(abs(lo), abs(hi))
+    floor_e = MIN_EXPONENT if magnitude == 0 else max(MIN_EXPONENT, math.frexp(magnitude)[1] - RESOLUTION_BITS)
+    if hi <= lo:
+        return floor_e
+    start = math.frexp((hi - lo) / max_bins)[1] - 2  # certainly too fine: spans > max_bins bins
+    e = max(floor_e, start)
+    while _spans(lo, hi, e) > max_bins:
+        e += 1
+    return e
+
+
+def coarsen(counts: np.ndarray, offset: int, shift: int) -> tuple[np.ndarray, int]:
+    """Re-bin `counts` (first bin index `offset`) to bins 2**shift times wider."""
+    if shift == 0 or counts.size == 0:
+        return counts, offset
+    index = np.arange(offset, offset + counts.size, dtype=np.int64) >> shift
+    new_offset = int(index[0])
+    return np.bincount(index - new_offset, weights=counts, minlength=int(index[-1]) - new_offset + 1).astype(np.int64), new_offset
+
+
+def realign(counts: np.ndarray, offset: int, new_offset: int, length: int) -> np.ndarray:
+    """Place `counts` into a zero array of `length` bins starting at bin `new_offset`."""
+    out = np.zeros(length, dtype=np.int64)
+    start = offset - new_offset
+    out[start : start + counts.size] = counts
+    return out
+
+
+def bin_batch(x: np.ndarray, exponent: int) -> tuple[np.ndarray, int]:
+    """Counts of x in bins of width 2**exponent, and the index of the first bin."""
+    # Scaling by a power of two is exact in float32 and float64, so floor() gives the same bin
+    # indices here and in the torch observer.
+    index = np.floor(x * x.dtype.type(math.ldexp(1.0, -exponent))).astype(np.int64)
+    first = int(index.min())
+    return np.bincount(index - first), first
+
+
+@dataclass
+class TensorStatistics:
+    """Min, max, element count and a zero-aligned power-of-two histogram of one tensor."""
+
+    max_bins: int = DEFAULT_BINS
+    min: float = math.inf
+    max: float = -math.inf
+    count: int = 0
+    exponent: int = MIN_EXPONENT
+    offset: int = 0
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0
+
+    @property
+    def bin_width(self) -> float:
+        return math.ldexp(1.0, self.exponent)
+
+    def edges(self) -> np.ndarray:
+        """Bin edges, len(counts) + 1 of them."""
+        return np.arange(self.offset, self.offset + self.counts.size + 1, dtype=np.float64) * self.bin_width
+
+    def _widen_to(self, lo: float, hi: float) -> None:
+        """Coarsen and extend the bins so that [lo, hi] fits (lo <= self.min, hi >= self.max)."""
+        e = required_exponent(lo, hi, self.max_bins)
+        w = math.ldexp(1.0, -e)
+        first, last = math.floor(lo * w), math.floor(hi * w)
+        if self.empty:
+            self.exponent, self.offset, self.counts = e, first, np.zeros(last - first + 1, dtype=np.int64)
+            return
+        counts, offset = coarsen(self.counts, self.offset, e - self.exponent)
+        self.exponent, self.offset, self.counts = e, first, realign(counts, offset, first, last - first + 1)
+
+    def update(self, x: np.ndarray) -> None:
+        """Fold a batch into the statistics. Raises NonFiniteError on NaN/Inf."""
+        x = np.asarray(x)
+        if x.size == 0:
+            return
+        x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False).ravel()
+        lo, hi = float(x.min()), float(x.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise NonFiniteError("NaN or Inf in calibration data")
+        e = required_exponent(min(lo, self.min), max(hi, self.max), self.max_bins)
+        counts, first = bin_batch(x, e)
+        self.add_counts(lo, hi, x.size, counts, first, e)
+
+    def add_counts(self, lo: float, hi: float, n: int, counts: np.ndarray, first: int, exponent: int) -> None:
+        """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`."""
+        self._widen_to(min(lo, self.min), max(hi, self.max))
+        counts, first = coarsen(np.asarray(counts, dtype=np.int64), first, self.exponent - exponent)
+        start = first - self.offset
+        self.counts[start : start + counts.size] += counts
+        self.min, self.max, self.count = min(lo, self.min), max(hi, self.max), self.count + n
+
+    def merge(self, other: TensorStatistics) -> TensorStatistics:
+        """Fold another statistics object of the same tensor into this one (exact)."""
+        if other.empty:
+            return self
+        if self.max_bins != other.max_bins:
+            raise ValueError(f"cannot merge histograms of {self.max_bins} and {other.max_bins} bins")
+        self.add_counts(other.min, other.max, other.count, other.counts, other.offset, other.exponent)
+        return self
+
+    def copy(self) -> TensorStatistics:
+        return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts.copy())
+
+    def folded_abs(self) -> tuple[np.ndarray, float]:
+        """Histogram of |x| on bins [k w, (k+1) w), k >= 0: negative bin -1-k folds onto bin k."""
+        last = max(self.offset + self.counts.size - 1, -self.offset - 1, 0)
+        out = np.zeros(last + 1, dtype=np.int64)
+        index = np.arange(self.offset, self.offset + self.counts.size)
+        folded = np.where(index >= 0, index, -index - 1)
+        np.add.at(out, folded, self.counts)
+        return out, self.bin_width
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form; `counts` is stored sparsely as [first_nonzero, run...]."""
+        nz = np.flatnonzero(self.counts)
+        start = int(nz[0]) if nz.size else 0
+        stop = int(nz[-1]) + 1 if nz.size else 0
+        return {
+            "max_bins": self.max_bins,
+            "min": self.min,
+            "max": self.max,
+            "count": self.count,
+            "exponent": self.exponent,
+            "offset": self.offset + start,
+            "counts": self.counts[start:stop].tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TensorStatistics:
+        return cls(int(d["max_bins"]), float(d["min"]), float(d["max"]), int(d["count"]), int(d["exponent"]), int(d["offset"]), np.asarray(d["counts"], dtype=np.int64))

@@ -1,0 +1,97 @@
+"""QuantConfig: one small typed object describes a quantization setting."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from onnx_backend.errors import ConfigError
+from onnx_backend.range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA
+from onnx_backend.statistics import DEFAULT_BINS
+
+MethodName = Literal["min_max", "percentile", "mse", "entropy", "sqnr"]
+METHODS: tuple[str, ...] = ("min_max", "percentile", "mse", "entropy", "sqnr")
+
+
+class Override(BaseModel):
+    """Settings for the modules whose qualified name matches `pattern` (a glob)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    pattern: str
+    method: MethodName | None = None
+    symmetric: bool | None = None
+    percentile: float | None = Field(default=None, gt=0, le=100)
+    keep_float: bool = Field(default=False, alias="float")  # keep these modules in float
+
+
+class QuantConfig(BaseModel):
+    """How to quantize. Every field has a default; unknown fields are an error.
+
+    method      range selection: min_max | percentile | mse | entropy | sqnr
+    symmetric   zero point 0 and [-a, a] (a never-negative tensor uses [0, a])
+    percentile  for method=percentile: share of the mass kept (99.99 by default)
+    per_channel per-output-channel weight scales (True) or one per tensor
+    exclude     module-name globs kept in float (e.g. "head.*")
+    overrides   per-module method / symmetric / percentile / float, by glob; last match wins
+    opset       ONNX opset of the exported model (>= 13)
+    target      the NPU whose op support decides what runs in int8: "warboy", "tflite", or None
+    histogram_bins  resolution of the streaming histograms
+    sqnr_gamma  weight of clipping noise in the sqnr method (1 would make it mse)
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: MethodName = "mse"
+    symmetric: bool = False
+    percentile: float = Field(default=DEFAULT_PERCENTILE, gt=0, le=100)
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+    opset: int = Field(default=18, ge=13, le=23)
+    target: str | None = "warboy"
+    histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
+    sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _one_pattern_is_a_list(cls, v):
+        return (v,) if isinstance(v, str) else v
+
+    def settings_for(self, module_path: str) -> dict:
+        """method / symmetric / percentile / float for a module, after overrides."""
+        s = {"method": self.method, "symmetric": self.symmetric, "percentile": self.percentile, "float": False}
+        if any(fnmatch.fnmatchcase(module_path, p) for p in self.exclude):
+            s["float"] = True
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(module_path, o.pattern):
+                s.update({k: v for k, v in o.model_dump(exclude={"pattern", "keep_float"}).items() if v is not None})
+                s["float"] = s["float"] or o.keep_float
+        return s
+
+
+def make_config(config: QuantConfig | dict | None = None, **kwargs) -> QuantConfig:
+    """A QuantConfig from an instance, a dict, or keyword arguments, with clear errors."""
+    if isinstance(config, QuantConfig) and not kwargs:
+        return config
+    data = dict(config.model_dump() if isinstance(config, QuantConfig) else (config or {}))
+    data.update(kwargs)
+    try:
+        return QuantConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "QuantConfig")) from None
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "literal_error":
+            msg = f"{msg} (got {err.get('input')!r})"
+        lines.append(f"{where}: {loc}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,275 @@
+"""export: the calibrated model -> float ONNX with markers -> the ONNX backend -> INT8 QDQ ONNX."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import onnx
+import onnx_ir as ir
+import torch
+from onnxscript.values import Opset
+
+from onnx_backend import markers
+from onnx_backend.errors import CalibrationError, ConfigError, TorchqError
+from onnx_backend.model_io import save_model, write_text_atomic
+from onnx_backend.quantizer import QuantizationReport, quantize_with_report
+from onnx_backend.range_selection import select_range
+from onnx_backend.statistics import TensorStatistics
+
+from .capture import Phase
+from .config import QuantConfig
+from .prepare import session_of
+
+# ---- the marker, for both exporters ------------------------------------------------------------
+
+
+@torch.library.custom_op("torchq::mark", mutates_args=())
+def _mark_op(x: torch.Tensor, key: str) -> torch.Tensor:
+    return x.clone()
+
+
+@_mark_op.register_fake
+def _(x, key):
+    return torch.empty_like(x)
+
+
+_TORCHQ_OPSET = Opset(markers.DOMAIN, markers.VERSION)
+
+
+def _mark_onnx(x, key: str):
+    """Translation of torchq::mark for the dynamo exporter."""
+    return _TORCHQ_OPSET.Mark(x, key=key)
+
+
+class _MarkFunction(torch.autograd.Function):
+    """The marker for the TorchScript exporter (dynamo=False)."""
+
+    @staticmethod
+    def forward(ctx, x, key):
+        return x.clone()
+
+    @staticmethod
+    def symbolic(g, x, key):
+        out = g.op(f"{markers.DOMAIN}::{markers.OP_TYPE}", x, key_s=key)
+        out.setType(x.type())  # an identity: same type and shape as its input
+        return out
+
+
+def _dynamo_marker(x: torch.Tensor, key: str) -> torch.Tensor:
+    return torch.ops.torchq.mark(x, key)
+
+
+def _torchscript_marker(x: torch.Tensor, key: str) -> torch.Tensor:
+    return _MarkFunction.apply(x, key)
+
+
+# ---- the report --------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    """What was quantized; every tensor left in float with the reason and its PyTorch origin."""
+
+    backend: QuantizationReport
+    keys_of_tensor: dict[str, list[str]] = field(default_factory=dict)
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    exporter: str = "dynamo"
+
+    @property
+    def float_tensors(self) -> dict[str, str]:
+        return self.backend.float_tensors
+
+    def to_dict(self) -> dict:
+        d = self.backend.to_dict()
+        d["exporter"] = self.exporter
+        d["tensor_origins"] = {t: k for t, k in sorted(self.keys_of_tensor.items())}
+        d["ranges"] = {t: list(r) for t, r in sorted(self.ranges.items())}
+        return d
+
+    def describe(self) -> str:
+        return self.backend.describe()
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+def _as_args(example_inputs) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise ConfigError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels):
+            lg.setLevel(lvl)
+
+
+def export_float_with_markers(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: Mapping | None,
+    *,
+    dynamo: bool,
+    opset: int,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+    dynamic_axes: Mapping | None,
+    dynamic_shapes=None,
+) -> onnx.ModelProto:
+    session, _ = session_of(model)
+    was_training = model.training
+    model.eval()
+    session.marker = _dynamo_marker if dynamo else _torchscript_marker
+    try:
+        with session.phase_as(Phase.EXPORT), torch.no_grad(), _quiet_exporter():
+            if dynamo:
+                program = torch.onnx.export(
+                    model,
+                    args,
+                    kwargs=dict(kwargs or {}),
+                    dynamo=True,
+                    opset_version=opset,
+                    input_names=list(input_names) if input_names else None,
+                    output_names=list(output_names) if output_names else None,
+                    dynamic_axes=dict(dynamic_axes) if dynamic_axes and dynamic_shapes is None else None,
+                    dynamic_shapes=dynamic_shapes,
+                    custom_translation_table={torch.ops.torchq.mark.default: _mark_onnx},
+                    optimize=True,
+                    verbose=False,
+                )
+                return program.model_proto
+            buffer = io.BytesIO()
+            export_args = args + (dict(kwargs),) if kwargs else args
+            torch.onnx.export(
+                model,
+                export_args,
+                buffer,
+                dynamo=False,
+                opset_version=opset,
+                input_names=list(input_names) if input_names else None,
+                output_names=list(output_names) if output_names else None,
+                dynamic_axes=dict(dynamic_axes) if dynamic_axes else None,
+                do_constant_folding=True,
+            )
+            return onnx.load_from_string(buffer.getvalue())
+    except TorchqError:
+        raise
+    except Exception as exc:
+        other = "dynamo=False" if dynamo else "dynamo=True"
+        raise TorchqError(f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'} exporter) failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} -- try {other}") from exc
+    finally:
+        session.marker = None
+        model.train(was_training)
+
+
+def _module_of(key: str) -> str:
+    path = key.rsplit(":", 1)[0]
+    return "" if path.startswith("<") else path
+
+
+def statistics_by_tensor(bindings: Mapping[str, list[str]], observers: Mapping) -> tuple[dict[str, TensorStatistics], dict[str, str]]:
+    """{tensor: statistics} and {tensor: the key they came from} for the bound tensors."""
+    stats, source = {}, {}
+    for tensor, keys in bindings.items():
+        for key in keys:
+            obs = observers.get(key)
+            if obs is not None and not obs.empty:
+                stats[tensor] = obs.to_statistics()
+                source[tensor] = key
+                break
+    return stats, source
+
+
+def choose_ranges(stats: Mapping[str, TensorStatistics], source: Mapping[str, str], config: QuantConfig) -> tuple[dict, set[str]]:
+    """Ranges by each tensor's module settings, and the tensors whose modules stay float."""
+    ranges, float_tensors = {}, set()
+    for tensor, st in stats.items():
+        s = config.settings_for(_module_of(source[tensor]))
+        if s["float"]:
+            float_tensors.add(tensor)
+        ranges[tensor] = select_range(st, s["method"], s["symmetric"], percentile=s["percentile"], sqnr_gamma=config.sqnr_gamma)
+    return ranges, float_tensors
+
+
+def export_with_report(
+    model: torch.nn.Module,
+    example_inputs,
+    path: str | os.PathLike | None = None,
+    *,
+    kwargs: Mapping | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping | None = None,
+    dynamic_shapes=None,
+    dynamo: bool = True,
+    report_path: str | os.PathLike | None = None,
+) -> tuple[onnx.ModelProto, ExportReport]:
+    session, config = session_of(model)
+    if session.batches == 0:
+        raise CalibrationError("export before any calibration batch: run the prepared model on calibration data first")
+    args = _as_args(example_inputs)
+    _check_example_inputs(model, session, args, kwargs)
+    proto = export_float_with_markers(
+        model, args, kwargs, dynamo=dynamo, opset=config.opset, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes
+    )
+    ir_model = ir.serde.deserialize_model(proto)
+    bindings = markers.strip_markers(ir_model)
+    stats, source = statistics_by_tensor(bindings, session.observers)
+    ranges, float_tensors = choose_ranges(stats, source, config)
+    qmodel, backend_report = quantize_with_report(
+        ir.serde.serialize_model(ir_model),
+        ranges,
+        per_channel=config.per_channel,
+        target=config.target,
+        exclude_tensors=float_tensors,
+        opset=config.opset,
+    )
+    report = ExportReport(backend_report, {t: list(k) for t, k in bindings.items()}, ranges, "dynamo" if dynamo else "torchscript")
+    if path is not None:
+        save_model(qmodel, path)
+    if report_path is not None:
+        import json
+
+        write_text_atomic(report_path, json.dumps(report.to_dict(), indent=1) + "\n")
+    return qmodel, report
+
+
+def _check_example_inputs(model, session, args, kwargs) -> None:
+    with session.phase_as(Phase.PAUSED), torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
+            model(*args, **dict(kwargs or {}))
+        except Exception as exc:
+            raise ConfigError(f"example_inputs do not fit the model: {type(exc).__name__}: {exc}") from None
+        finally:
+            model.train(was_training)
+
+
+def export(model: torch.nn.Module, example_inputs, path: str | os.PathLike | None = None, **options) -> onnx.ModelProto:
+    """Export the calibrated model to a TFLite-spec INT8 QDQ ONNX model (written to `path` if given).
+
+    Options as torch.onnx.export: `input_names`, `output_names`, `dynamic_axes`
+    ({input name: {axis: name}}), `dynamic_shapes` (dynamo only), `kwargs`, and `dynamo`
+    (True: the default exporter; False: the TorchScript exporter). `report_path` writes the
+    JSON report of what stayed in float and why.
+    """
+    return export_with_report(model, example_inputs, path, **options)[0]

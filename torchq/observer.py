@@ -1,0 +1,73 @@
+"""Streaming statistics of one tensor, gathered on the tensor's own device.
+
+Same bin geometry as `onnx_backend.statistics` (zero-aligned power-of-two bins; the exponent is a
+function of the global min/max only), so `to_statistics()` yields exactly what the numpy path
+would have built from the same values, and range selection happens in one place. Per batch it
+costs one aminmax, one bincount and one host sync for the min/max.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from onnx_backend.statistics import NonFiniteError, TensorStatistics, required_exponent
+
+
+class Observer:
+    def __init__(self, key: str, max_bins: int):
+        self.key = key
+        self.max_bins = max_bins
+        self.min = math.inf
+        self.max = -math.inf
+        self.count = 0
+        self.exponent = 0
+        self.offset = 0
+        self.counts: torch.Tensor | None = None  # int64, on the observed tensor's device
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        x = x.detach()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # exact
+        if x.dtype == torch.float64 and x.device.type == "mps":
+            x = x.float()
+        lo, hi = (float(v) for v in torch.stack(torch.aminmax(x)).tolist())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise NonFiniteError(self.key)
+        new_lo, new_hi = min(lo, self.min), max(hi, self.max)
+        e = required_exponent(new_lo, new_hi, self.max_bins)
+        w = math.ldexp(1.0, -e)
+        first, last = math.floor(new_lo * w), math.floor(new_hi * w)
+        # Scaling by a power of two is exact, so these are the numpy path's bin indices.
+        index = torch.floor(x.reshape(-1) * w).to(torch.int64) - first
+        batch = torch.bincount(index, minlength=last - first + 1)
+        counts = batch if self.counts is None else batch + self._rebinned(e, first, last - first + 1, x.device)
+        # commit all at once, so an interrupted update leaves the previous state intact
+        self.counts, self.exponent, self.offset = counts, e, first
+        self.min, self.max, self.count = new_lo, new_hi, self.count + x.numel()
+
+    def _rebinned(self, e: int, first: int, length: int, device) -> torch.Tensor:
+        shift = e - self.exponent
+        index = (torch.arange(self.offset, self.offset + self.counts.numel(), device=self.counts.device) >> shift) - first
+        out = torch.zeros(length, dtype=torch.int64, device=self.counts.device)
+        return out.index_add_(0, index, self.counts).to(device)
+
+    def to_statistics(self) -> TensorStatistics:
+        if self.counts is None:
+            return TensorStatistics(self.max_bins)
+        return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts.cpu().numpy().astype(np.int64))
+
+    def load_statistics(self, stats: TensorStatistics, device=None) -> None:
+        """Replace this observer's state (used when merging across processes)."""
+        self.min, self.max, self.count = stats.min, stats.max, stats.count
+        self.exponent, self.offset = stats.exponent, stats.offset
+        self.counts = torch.as_tensor(stats.counts, dtype=torch.int64, device=device) if not stats.empty else None
