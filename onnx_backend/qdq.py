@@ -74,10 +74,10 @@ class QDQWriter:
         node = self.nodes[activation]
         x, out = node.inputs[0], node.outputs[0]
         name = out.name
-        ir.convenience.replace_all_uses_with(out, x)
         for i, o in enumerate(self.graph.outputs):
             if o is out:
                 self.graph.outputs[i] = x
+        ir.convenience.replace_all_uses_with(out, x)
         self.graph.remove(node, safe=True)
         del self.nodes[activation]
         x.name, out.name = name, None

@@ -65,10 +65,51 @@ def _sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     return torch.matmul(probs, value)
 
 
-# Composite functions run with the mode active, so the ops inside them are seen one by one.
+def _mha_reference(query, key, value, embed_dim_to_check, num_heads, in_proj_weight, in_proj_bias, bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, training=True, key_padding_mask=None, need_weights=True, attn_mask=None, use_separate_proj_weight=False, q_proj_weight=None, k_proj_weight=None, v_proj_weight=None, static_k=None, static_v=None, average_attn_weights=True, is_causal=False):
+    """F.multi_head_attention_forward for the common inference case, in plain ops.
+
+    Inputs are (L, N, E) as nn.MultiheadAttention passes them. Cases outside this subset
+    (bias_k/bias_v, add_zero_attn, static k/v, attention weights requested) return None and
+    the original runs as one opaque op.
+    """
+    if bias_k is not None or bias_v is not None or add_zero_attn or static_k is not None or static_v is not None or need_weights or query.dim() != 3:
+        return None
+    L, N, E = query.shape
+    S = key.shape[0]
+    head = E // num_heads
+    if use_separate_proj_weight:
+        bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+        q, k, v = F.linear(query, q_proj_weight, bq), F.linear(key, k_proj_weight, bk), F.linear(value, v_proj_weight, bv)
+    elif query is key and key is value:
+        q, k, v = F.linear(query, in_proj_weight, in_proj_bias).chunk(3, dim=-1)
+    else:
+        wq, wk, wv = in_proj_weight.chunk(3)
+        bq, bk, bv = in_proj_bias.chunk(3) if in_proj_bias is not None else (None, None, None)
+        q, k, v = F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+    q = q.reshape(L, N * num_heads, head).transpose(0, 1).reshape(N, num_heads, L, head)
+    k = k.reshape(S, N * num_heads, head).transpose(0, 1).reshape(N, num_heads, S, head)
+    v = v.reshape(S, N * num_heads, head).transpose(0, 1).reshape(N, num_heads, S, head)
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask if attn_mask.dim() == 2 else attn_mask.reshape(N, num_heads, L, S)
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.reshape(N, 1, 1, S)
+        kpm = torch.zeros_like(kpm, dtype=q.dtype).masked_fill(kpm, float("-inf")) if kpm.dtype == torch.bool else kpm.to(q.dtype)
+        if mask is None:
+            mask = kpm
+        else:
+            mask = (torch.zeros_like(mask, dtype=q.dtype).masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else mask) + kpm
+    y = _sdpa_reference(q, k, v, mask, dropout_p if training else 0.0, is_causal and mask is None)
+    y = y.permute(2, 0, 1, 3).reshape(L * N, E)
+    y = F.linear(y, out_proj_weight, out_proj_bias).view(L, N, E)
+    return y, None
+
+
+# Composite functions replaced by plain-op equivalents run with the mode active, so the ops
+# inside them are seen one by one (a replacement returning None means: run the original).
 TRANSPARENT: dict[Callable, Callable] = {
     F.scaled_dot_product_attention: _sdpa_reference,
-    F.multi_head_attention_forward: F.multi_head_attention_forward,
+    F.multi_head_attention_forward: _mha_reference,
 }
 
 
@@ -86,6 +127,7 @@ class CaptureSession:
         self.op_counts: list[defaultdict] = []
         self.call_counts: defaultdict = defaultdict(int)
         self.batches = 0
+        self.mismatched: set[str] = set()
         self.marker: Callable[[torch.Tensor, str], torch.Tensor] | None = None
         self._mode: _Mode | None = None
         self._fastpath_was: bool | None = None
@@ -189,7 +231,15 @@ class CaptureSession:
         return out
 
     def record(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        # Our own tensor ops (statistics, markers) must not be seen as the model's.
+        with torch._C.DisableTorchFunction():
+            return self._record(key, tensor)
+
+    def _record(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
         if self.phase is Phase.EXPORT:
+            obs = self.observers.get(key)
+            if obs is not None and obs.ndim is not None and obs.ndim != tensor.dim():
+                self.mismatched.add(key)  # calibration and export took different code paths
             return self.marker(tensor, key) if self.marker is not None else tensor
         obs = self.observers.get(key)
         if obs is None:
@@ -222,7 +272,9 @@ class _Mode(TorchFunctionMode):
         replacement = TRANSPARENT.get(func)
         if replacement is not None:
             with self:  # re-enter: the ops inside are seen individually
-                return replacement(*args, **kwargs)
+                out = replacement(*args, **kwargs)
+            if out is not None:
+                return out
         out = func(*args, **kwargs)
         if _is_metadata(func):
             return out

@@ -185,12 +185,12 @@ def _module_of(key: str) -> str:
     return "" if path.startswith("<") else path
 
 
-def statistics_by_tensor(bindings: Mapping[str, list[str]], observers: Mapping) -> tuple[dict[str, TensorStatistics], dict[str, str]]:
+def statistics_by_tensor(bindings: Mapping[str, list[str]], observers: Mapping, skip: set[str] = frozenset()) -> tuple[dict[str, TensorStatistics], dict[str, str]]:
     """{tensor: statistics} and {tensor: the key they came from} for the bound tensors."""
     stats, source = {}, {}
     for tensor, keys in bindings.items():
         for key in keys:
-            obs = observers.get(key)
+            obs = None if key in skip else observers.get(key)
             if obs is not None and not obs.empty:
                 stats[tensor] = obs.to_statistics()
                 source[tensor] = key
@@ -227,12 +227,13 @@ def export_with_report(
         raise CalibrationError("export before any calibration batch: run the prepared model on calibration data first")
     args = _as_args(example_inputs)
     _check_example_inputs(model, session, args, kwargs)
+    session.mismatched.clear()
     proto = export_float_with_markers(
         model, args, kwargs, dynamo=dynamo, opset=config.opset, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes
     )
     ir_model = ir.serde.deserialize_model(proto)
     bindings = markers.strip_markers(ir_model)
-    stats, source = statistics_by_tensor(bindings, session.observers)
+    stats, source = statistics_by_tensor(bindings, session.observers, skip=session.mismatched)
     ranges, float_tensors = choose_ranges(stats, source, config)
     qmodel, backend_report = quantize_with_report(
         ir.serde.serialize_model(ir_model),
@@ -242,6 +243,9 @@ def export_with_report(
         exclude_tensors=float_tensors,
         opset=config.opset,
     )
+    for tensor, keys in bindings.items():
+        if tensor in backend_report.float_tensors and any(k in session.mismatched for k in keys):
+            backend_report.float_tensors[tensor] = f"calibration and export took different code paths at {keys[0]!r}; its statistics were not used"
     report = ExportReport(backend_report, {t: list(k) for t, k in bindings.items()}, ranges, "dynamo" if dynamo else "torchscript")
     if path is not None:
         save_model(qmodel, path)

@@ -26,6 +26,7 @@ class Observer:
         self.exponent = 0
         self.offset = 0
         self.counts: torch.Tensor | None = None  # int64, on the observed tensor's device
+        self.ndim: int | None = None  # rank of the observed tensor, to catch key mix-ups at export
 
     @property
     def empty(self) -> bool:
@@ -35,6 +36,7 @@ class Observer:
     def update(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return
+        self.ndim = x.dim()
         x = x.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()  # exact
