@@ -1,0 +1,108 @@
+"""Regenerate docs/BENCHMARKS.md and its plots: `python -m bench.run [--quick] [--out DIR]`.
+
+Sections (each also runnable alone with --only): accuracy (issue 6), seed (the reference
+product's families), onnx (issue 3: ONNX path vs onnxruntime), zoo (issue 2: latency).
+--quick runs tiny settings (the test suite uses it) and writes to out/bench-quick by default,
+never over docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from .common import DOCS, ROOT, Settings  # noqa: E402
+
+SECTIONS = ("accuracy", "seed", "onnx", "zoo")
+
+
+def _machine() -> str:
+    import onnxruntime
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores visible; Python {platform.python_version()}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}"
+
+
+def _jsonable(obj):
+    if dataclasses.is_dataclass(obj):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {(k if isinstance(k, str) else "/".join(map(str, k)) if isinstance(k, tuple) else str(k)): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if hasattr(obj, "item"):
+        return obj.item()
+    return obj if isinstance(obj, (str, int, float, bool)) or obj is None else str(obj)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings (seconds to a minute); writes to out/bench-quick")
+    parser.add_argument("--out", type=Path, default=None, help="where BENCHMARKS.md and bench/ go (default: docs/, or out/bench-quick with --quick)")
+    parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections (repeatable)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    settings = Settings.make(args.quick)
+    out = args.out or (ROOT / "out" / "bench-quick" if args.quick else DOCS)
+    workdir = settings.cache / "work"
+    (out / "bench").mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    sections = args.only or list(SECTIONS)
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
+
+    from . import accuracy, onnx_path, plots, report, seed, zoo_latency
+
+    results: dict = {}
+    texts: dict[str, str] = {}
+    section_time: dict[str, float] = {}
+    for name in sections:
+        t0 = time.perf_counter()
+        if name == "accuracy":
+            texts[name], results[name] = accuracy.run_section(settings, workdir, log)
+        elif name == "seed":
+            texts[name], results[name] = seed.run_section(settings, workdir, log)
+        elif name == "onnx":
+            texts[name], results[name] = onnx_path.run_section(settings, workdir, accuracy.subjects(settings), log)
+        elif name == "zoo":
+            texts[name], results[name] = zoo_latency.run_section(settings, workdir, log)
+        section_time[name] = time.perf_counter() - t0
+        log(f"section {name} done in {section_time[name]:.0f} s")
+
+    figures = plots.make(results, out / "bench")
+    command = "python -m bench.run" + (" --quick" if args.quick else "") + "".join(f" --only {s}" for s in args.only or [])
+    text = report.assemble(texts, figures, command=command, machine=_machine(), seconds=time.perf_counter() - started, section_time=section_time, quick=args.quick)
+    from onnx_backend.model_io import write_text_atomic
+
+    write_text_atomic(out / "BENCHMARKS.md", text)
+    write_text_atomic(out / "bench" / "results.json", json.dumps(_jsonable(results), indent=1, ensure_ascii=False) + "\n")
+    log(f"wrote {out / 'BENCHMARKS.md'} and {out / 'bench'}/ in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
