@@ -16,7 +16,9 @@ histogram's bins represented by their centres x_i and counts c_i:
 * entropy     -- argmin over candidate ranges of KL(P || Q): P is the histogram restricted to
                  the range with the mass outside folded into the edge bins, Q is P merged into
                  the number of quantization levels and spread back over P's non-empty bins
-                 (TensorRT's algorithm; the asymmetric variant searches both edges).
+                 (TensorRT's algorithm; the asymmetric variant searches both edges). As in
+                 TensorRT's calibrator, the bin holding 0 first takes its neighbour's count, so a
+                 post-ReLU spike at 0 does not drive the range down.
 
 Candidate thresholds are the histogram's bin edges. Symmetric methods work on |x| (the
 histogram folded at 0) and return [-a, a]; a tensor that is never negative gets [0, a] with all
@@ -149,10 +151,26 @@ def _sqnr_one_sided(counts: np.ndarray, width: float, levels: int, *, gamma: flo
     return (int(np.argmin(noise)) + 1) * width  # signal power is fixed: max SQNR = min noise
 
 
+def _without_zero_spike(counts: np.ndarray, zero_bin: int) -> np.ndarray:
+    """The histogram with the bin holding 0 given its upper neighbour's count.
+
+    Post-ReLU tensors put a large share of their mass exactly at 0. That spike is always
+    represented exactly, yet it dominates P and Q and makes KL(P || Q) nearly blind to clipping,
+    so the search settles on a far too small range (digits CNN: ReLU ranges cut to 1/8 of their
+    max, 99 % -> 59 % accuracy). TensorRT's calibrator (pytorch-quantization's
+    _compute_amax_entropy: `bins[0] = bins[1]`) neutralises it the same way.
+    """
+    if 0 <= zero_bin < counts.size - 1:
+        counts = counts.copy()
+        counts[zero_bin] = counts[zero_bin + 1]
+    return counts
+
+
 def _entropy_one_sided(counts: np.ndarray, width: float, levels: int, **_) -> float:
     n = counts.size
     if n <= levels:
         return n * width
+    counts = _without_zero_spike(counts, 0)
     ends = np.arange(levels, n + 1)  # window [0, end)
     kl = _kl_windows(counts, np.zeros_like(ends), ends, levels)
     return int(ends[int(np.argmin(kl))]) * width
@@ -212,6 +230,7 @@ def _entropy_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:
     counts, n = stats.counts, stats.counts.size
     if n <= LEVELS:
         return stats.min, stats.max
+    counts = _without_zero_spike(counts, -stats.offset)
     lo_idx, hi_idx = _two_sided_grid(stats, MAX_GRID_ENTROPY)
     best = _best_window(counts, lo_idx, hi_idx)
     # Refine at full resolution around the coarse optimum.
