@@ -35,3 +35,9 @@ def crops(n: int, size: int, seed: int) -> torch.Tensor:
         crop = photo[..., y : y + side, x : x + side]
         out.append(F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True))
     return (torch.cat(out) - MEAN) / STD
+
+
+def calibration_loader(size: int = 224, num_samples: int = 16, batch_size: int = 4) -> list[torch.Tensor]:
+    """Calibration batches for the random-weight families (`bench.images:calibration_loader`)."""
+    x = crops(num_samples, size, seed=0)
+    return [x[i : i + batch_size] for i in range(0, num_samples, batch_size)]

@@ -116,12 +116,13 @@ def _state_dict_from_package(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@lru_cache(maxsize=1)
-def _tokenizer():
+@lru_cache(maxsize=2)
+def _tokenizer(padded: bool = True):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
-    tok.enable_padding(length=SEQ_LEN, pad_id=0, pad_token="[PAD]")
+    if padded:
+        tok.enable_padding(length=SEQ_LEN, pad_id=0, pad_token="[PAD]")
     tok.enable_truncation(max_length=SEQ_LEN)
     return tok
 
@@ -136,34 +137,43 @@ def load_model() -> MiniLM:
     return model.eval()
 
 
-def tokenize(sentences: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    enc = _tokenizer().encode_batch(list(sentences))
+def tokenize(sentences: list[str], padded: bool = True):
+    """Padded: (ids, mask) arrays of shape (N, SEQ_LEN). Unpadded: a list of (1, L) pairs."""
+    enc = _tokenizer(padded).encode_batch(list(sentences))
+    if not padded:
+        return [(np.array([e.ids], dtype=np.int64), np.array([e.attention_mask], dtype=np.int64)) for e in enc]
     ids = np.array([e.ids for e in enc], dtype=np.int64)
     mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
     return ids, mask
 
 
-def calibration_loader(batch_size: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def calibration_loader(batch_size: int = 8, padded: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Model-input tuples: padded batches of `batch_size`, or one unpadded sentence each."""
+    if not padded:
+        return [(torch.from_numpy(i), torch.from_numpy(m)) for i, m in tokenize(CALIBRATION, padded=False)]
     ids, mask = tokenize(CALIBRATION)
     return [(torch.from_numpy(ids[i : i + batch_size]), torch.from_numpy(mask[i : i + batch_size])) for i in range(0, len(ids), batch_size)]
 
 
-def example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = tokenize(CALIBRATION[:1])
+def example_inputs(padded: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    if not padded:
+        ids, mask = tokenize(CALIBRATION[:1], padded=False)[0]
+    else:
+        ids, mask = tokenize(CALIBRATION[:1])
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
-def embed(model, sentences: list[str]) -> np.ndarray:
-    """Embeddings of a torch module, an ONNX ModelProto or an ONNX path."""
-    ids, mask = tokenize(sentences)
+def embed(model, sentences: list[str], padded: bool = True) -> np.ndarray:
+    """Embeddings of a torch module (or GraphModule), an ONNX ModelProto or an ONNX path."""
+    batches = [tokenize(sentences)] if padded else tokenize(sentences, padded=False)
     if isinstance(model, nn.Module):
         with torch.no_grad():
-            return model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+            return np.concatenate([model(torch.from_numpy(i), torch.from_numpy(m)).numpy() for i, m in batches])
     from .common import run_batched, session
 
     sess = session(model)
     names = [i.name for i in sess.get_inputs()]
-    return run_batched(sess, dict(zip(names, (ids, mask))), batch=16)[0]
+    return np.concatenate([run_batched(sess, dict(zip(names, (i, m))), batch=16)[0] for i, m in batches])
 
 
 def retrieval_accuracy(emb_a: np.ndarray, emb_b: np.ndarray) -> float:
@@ -177,17 +187,24 @@ def evaluation_sentences() -> tuple[list[str], list[str]]:
     return [p[0] for p in PAIRS], [p[1] for p in PAIRS]
 
 
-def evaluate(model) -> float:
+def all_evaluation_sentences() -> list[str]:
+    a, b = evaluation_sentences()
+    return a + b
+
+
+def evaluate(model, padded: bool = True) -> float:
     """Paraphrase retrieval top-1 accuracy (%) on bench/sentences.py's pairs."""
-    a, b = evaluation_sentences()
-    return retrieval_accuracy(embed(model, a), embed(model, b))
+    emb = embed(model, all_evaluation_sentences(), padded)
+    n = len(PAIRS)
+    return retrieval_accuracy(emb[:n], emb[n:])
 
 
-def cosine_to_reference(model, reference: np.ndarray) -> tuple[float, float]:
-    """(mean, min) cosine similarity of the model's embeddings of all evaluation sentences to
-    `reference` (the float model's)."""
-    a, b = evaluation_sentences()
-    emb = embed(model, a + b)
+def evaluate_unpadded(model) -> float:
+    return evaluate(model, padded=False)
+
+
+def cosine(emb: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """(mean, min) cosine similarity between matching rows."""
     cos = np.sum(emb * reference, axis=1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(reference, axis=1))
     return float(cos.mean()), float(cos.min())
 

@@ -68,7 +68,7 @@ def ort_quantize(float_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray
     return onnx.load(str(out_path)), seconds
 
 
-def pt2e_quantize(model, calibration: Iterable[tuple], example_inputs: tuple, dynamic_batch: bool = True):
+def pt2e_quantize(model, calibration: Iterable[tuple], example_inputs: tuple, dynamic_dims: tuple[int, ...] = (0,)):
     """torchao PT2E with the XNNPACK-style symmetric quantizer; returns (GraphModule, seconds).
 
     Raises whatever torch.export / torchao raise: the caller reports it in the table.
@@ -78,10 +78,9 @@ def pt2e_quantize(model, calibration: Iterable[tuple], example_inputs: tuple, dy
     from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
     t0 = time.perf_counter()
-    dims = None
-    if dynamic_batch:
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        dims = tuple({0: batch} for _ in example_inputs)
+    # the same symbolic size for a given axis of every input (ids and mask share batch and length)
+    symbols = {d: torch.export.Dim(f"d{d}", min=1, max=4096) for d in dynamic_dims}
+    dims = tuple({d: symbols[d] for d in dynamic_dims} for _ in example_inputs) if dynamic_dims else None
     exported = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dims).module()
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(exported, quantizer)

@@ -50,7 +50,70 @@ tables above come from it):
 """
 
 
-def assemble(texts: dict[str, str], figures: dict[str, Path], *, command: str, machine: str, seconds: float, section_time: dict[str, float], quick: bool) -> str:
+def _yes(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def summary(results: dict) -> str:
+    """The issues' targets, each judged from the measured rows."""
+    import numpy as np
+
+    lines = ["## Targets at a glance", "", "| target | verdict | detail |", "|---|---|---|"]
+    acc = results.get("accuracy") or []
+    if acc:
+        cnn = [r for r in acc if r.conv_net]
+        ratios = {r.subject: r.best_ours()[1] / r.float_onnx * 100 for r in cnn}
+        lines.append(f"| INT8 ÷ float ≥ 99.5 % on every CNN (best method) | {_yes(all(v >= 99.5 for v in ratios.values()))} | " + ", ".join(f"{k} {v:.2f} %" for k, v in ratios.items()) + " |")
+        beat = {}
+        for r in acc:
+            key = (lambda d: max(v[0] for k, v in d.items() if not k.startswith("ort_") and k != "pt2e")) if r.cosine else None
+            ours = key(r.cosine) if key else r.best_ours()[1]
+            peers = []
+            if r.cosine:
+                peers = [v[0] for k, v in r.cosine.items() if k.startswith("ort_") or k == "pt2e"]
+            else:
+                peers = [v for v in (r.best_ort()[1], r.pt2e if isinstance(r.pt2e, float) else np.nan) if np.isfinite(v)]
+            beat[r.subject] = all(ours >= p - 1e-9 for p in peers)
+        lines.append(f"| torchq best ≥ each peer's best, every model | {_yes(all(beat.values()))} | " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in beat.items()) + " (cosine for the sentence encoder) |")
+    lat = {}
+    for r in acc:
+        if r.conv_net and ("float", 1) in r.latency:
+            lat[r.subject] = r.latency[("ours", 1)] / r.latency[("float", 1)]
+    for r in results.get("seed") or []:
+        if not r.error:
+            lat[r.name] = r.latency[("int8", 1)] / r.latency[("float", 1)]
+    if lat:
+        lines.append(f"| INT8 ÷ float latency ≤ 0.7 on conv nets, batch 1, 1 thread | {_yes(all(v <= 0.7 for v in lat.values()))} | " + ", ".join(f"{k} {v:.2f}" for k, v in lat.items()) + " |")
+    onnx = results.get("onnx") or {}
+    rows = onnx.get("rows") or []
+    if rows:
+        fid = {r.name: max(v[0] for v in r.ours.values()) >= max([v[0] for v in r.ort.values() if isinstance(v, tuple)] or [-np.inf]) for r in rows}
+        lines.append(f"| ONNX path: best fidelity (SQNR) ≥ onnxruntime's best | {_yes(all(fid.values()))} | " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in fid.items()) + " |")
+        speed = {}
+        for r in rows:
+            ent = r.ort_s.get("Entropy")
+            hist = [r.ours_calib_s + s for m, s in r.ours_select_s.items() if not m.startswith("MIN_MAX")]
+            if ent and hist:
+                speed[r.name] = ent / max(hist)
+        if speed:
+            lines.append(f"| ONNX path: histogram methods ≥ 5× faster than onnxruntime Entropy | {_yes(all(v >= 5 for v in speed.values()))} | " + ", ".join(f"{k} {v:.1f}×" for k, v in speed.items()) + " |")
+        faster = {r.name: r.latency["ours"] <= r.latency["ort"] for r in rows if "ort" in r.latency}
+        lines.append(f"| ONNX path: torchq INT8 runs faster than onnxruntime's INT8 (1 thread) | {_yes(all(faster.values()))} | " + ", ".join(f"{k} {r.latency['ours']:.3f} vs {r.latency['ort']:.3f} ms" for r in rows for k in [r.name] if "ort" in r.latency) + " |")
+    mem = onnx.get("memory") or []
+    ours = [m for m in mem if m[0].startswith("torchq") and not isinstance(m[4], str)]
+    if ours:
+        by_tool: dict[str, dict[int, float]] = {}
+        for m in mem:
+            if not isinstance(m[4], str):
+                by_tool.setdefault(m[0], {})[m[1]] = m[4]
+        flat = {t: v for t, v in by_tool.items() if t.startswith("torchq") and len(v) == 2}
+        detail = "; ".join(f"{t}: " + " → ".join(f"{v:.0f} MiB" for _, v in sorted(d.items())) for t, d in by_tool.items())
+        ok = all(abs(list(d.values())[1] - list(d.values())[0]) < 0.25 * max(list(d.values())[0], 20) for d in flat.values())
+        lines.append(f"| calibration memory flat from 64 to 1024 samples (work above imports) | {_yes(ok)} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def assemble(texts: dict[str, str], figures: dict[str, Path], *, command: str, machine: str, seconds: float, section_time: dict[str, float], quick: bool, results: dict | None = None) -> str:
     date = datetime.date.today().isoformat()
     lines = [
         "# Benchmarks" + (" (quick mode: tiny settings, numbers are not meaningful)" if quick else ""),
@@ -65,6 +128,8 @@ def assemble(texts: dict[str, str], figures: dict[str, Path], *, command: str, m
         "[Why INT8 is slow in onnxruntime on x86](#why-int8-is-slow-in-onnxruntime-on-x86), whose numbers come from these tables.",
         "",
     ]
+    if results:
+        lines += [summary(results), ""]
     for key, title in TITLES.items():
         if key not in texts:
             continue

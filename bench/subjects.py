@@ -29,6 +29,8 @@ class Subject:
     conv_net: bool = True
     dynamic_axes: dict = field(default_factory=dict)
     notes: str = ""
+    embed: Callable[[object], np.ndarray] | None = None  # embedding models: outputs to compare by cosine
+    pt2e_dynamic: tuple[int, ...] = (0,)  # dims of every input that vary between calibration items
 
     def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
         return [{n: t.numpy() for n, t in zip(self.input_names, batch)} for batch in self.calibration()]
@@ -102,6 +104,59 @@ def quantize_ours(subject: Subject, model: torch.nn.Module, method: str, symmetr
     return OursResult(method, symmetric, qmodel, seconds, s["int8_nodes"], len(report.backend.float_nodes), len(report.float_tensors), validate(qmodel))
 
 
+def quantize_methods(subject: Subject, model: torch.nn.Module, methods, calibration=None) -> tuple[dict[str, OursResult], float]:
+    """All `methods` from ONE calibration pass and ONE export: torchq's export_with_report, split
+    where the method enters (choose_ranges), so ten methods cost one export plus ten quantizations.
+    Returns ({label: result}, seconds of the shared calibration + export). `result.seconds` is the
+    shared part plus that method's range selection and quantization.
+
+    Same functions as the public path (torchq.export_with_report); `measure` checks that the
+    default method gives a byte-identical model both ways.
+    """
+    import onnx_ir as ir
+
+    import torchq
+    from onnx_backend import markers, validate
+    from onnx_backend.quantizer import quantize_with_report
+    from torchq.config import make_config
+    from torchq.export import choose_ranges, export_float_with_markers, statistics_by_tensor
+    from torchq.prepare import session_of
+
+    base = torchq.QuantConfig()
+    batches = calibration if calibration is not None else subject.calibration()
+    t0 = time.perf_counter()
+    with quiet():
+        torchq.prepare(model, base)
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    model(*batch)
+            session, cfg = session_of(model)
+            session.mismatched.clear()
+            proto = export_float_with_markers(
+                model, subject.example(), None, dynamo=True, opset=cfg.opset, input_names=subject.input_names, output_names=subject.output_names, dynamic_axes=subject.dynamic_axes or None
+            )
+            ir_model = ir.serde.deserialize_model(proto)
+            bindings = markers.strip_markers(ir_model)
+            stats, source = statistics_by_tensor(bindings, session.observers, skip=session.mismatched)
+        finally:
+            torchq.unprepare(model)
+    stripped = ir.serde.serialize_model(ir_model)
+    shared = time.perf_counter() - t0
+    results = {}
+    for method, symmetric in methods:
+        t1 = time.perf_counter()
+        config = make_config(base, method=method, symmetric=symmetric)
+        ranges, float_tensors = choose_ranges(stats, source, config)
+        with quiet():
+            qmodel, report = quantize_with_report(stripped, ranges, per_channel=config.per_channel, target=config.target, exclude_tensors=float_tensors, opset=config.opset)
+        s = report.plan.summary()
+        results[method_label(method, symmetric)] = OursResult(
+            method, symmetric, qmodel, shared + time.perf_counter() - t1, s["int8_nodes"], len(report.float_nodes), len(report.float_tensors), validate(qmodel)
+        )
+    return results, shared
+
+
 METHODS: tuple[tuple[str, bool], ...] = tuple((m, s) for m in ("min_max", "entropy", "percentile", "mse", "sqnr") for s in (False, True))
 
 
@@ -109,7 +164,7 @@ def method_label(method: str, symmetric: bool) -> str:
     return f"{method}_{'sym' if symmetric else 'asym'}"
 
 
-QUICK_METHODS: tuple[tuple[str, bool], ...] = (("min_max", False), ("mse", True))
+QUICK_METHODS: tuple[tuple[str, bool], ...] = (("min_max", False), ("mse", False))
 
 
 def methods_for(settings: Settings) -> tuple[tuple[str, bool], ...]:

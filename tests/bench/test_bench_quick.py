@@ -71,6 +71,22 @@ def test_numbers_are_present(report):
     assert values and all(re.fullmatch(r"\d+\.\d\d", v) for v in values), row
 
 
+def test_ten_method_fast_path_matches_the_public_api(report):
+    # the accuracy section quantizes every method from one export; it must give the bytes
+    # torchq.prepare -> calibration -> torchq.export gives
+    text = (report / "BENCHMARKS.md").read_text()
+    assert "writes: digits_cnn yes." in text
+
+
+def test_targets_summary(report):
+    text = (report / "BENCHMARKS.md").read_text()
+    assert "## Targets at a glance" in text
+    summary = text.split("## Targets at a glance", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| target")]
+    assert len(rows) >= 5
+    assert all(_cells(r)[1] in ("met", "**missed**") for r in rows), rows
+
+
 def test_no_quantized_model_breaks_the_spec(report):
     text = (report / "BENCHMARKS.md").read_text()
     assert "| digits_cnn | torchq (all ten) | none |" in text
