@@ -194,4 +194,4 @@ def run_section(settings: Settings, workdir: Path, subjects, log=print) -> tuple
             mem_path = float_path
     counts = (8, 16) if settings.quick else (64, 1024)
     mem_rows = memory_scaling(mem_path, counts, settings.quick) if mem_path is not None else []
-    return render(rows, mem_rows, mem_path.name if mem_path else "—"), {"rows": rows, "memory": mem_rows}
+    return render(rows, mem_rows, mem_path.name if mem_path else "—"), {"rows": rows, "memory": mem_rows, "memory_model": mem_path.name if mem_path else "—"}

@@ -78,9 +78,9 @@ def pt2e_quantize(model, calibration: Iterable[tuple], example_inputs: tuple, dy
     from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
     t0 = time.perf_counter()
-    # the same symbolic size for a given axis of every input (ids and mask share batch and length)
-    symbols = {d: torch.export.Dim(f"d{d}", min=1, max=4096) for d in dynamic_dims}
-    dims = tuple({d: symbols[d] for d in dynamic_dims} for _ in example_inputs) if dynamic_dims else None
+    # AUTO: torch.export decides which of these axes are dynamic and what relates them
+    # (ids and mask share batch and length; positions cap the length at 512)
+    dims = tuple({d: torch.export.Dim.AUTO for d in dynamic_dims} for _ in example_inputs) if dynamic_dims else None
     exported = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dims).module()
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(exported, quantizer)

@@ -20,13 +20,13 @@ def accuracy_heatmap(rows, path: Path) -> Path | None:
     if not rows:
         return None
     plt = _plt()
-    methods = list(rows[0].ours)
+    methods = list(dict.fromkeys(k for r in rows for k in r.ours))
     labels = methods + ["onnxruntime best", "PT2E"]
     data = np.full((len(rows), len(labels)), np.nan)
     for i, r in enumerate(rows):
         f = r.float_onnx or np.nan
         for j, m in enumerate(methods):
-            data[i, j] = r.ours[m] / f * 100
+            data[i, j] = r.ours.get(m, np.nan) / f * 100
         data[i, -2] = r.best_ort()[1] / f * 100
         data[i, -1] = (r.pt2e / f * 100) if isinstance(r.pt2e, float) else np.nan
     fig, ax = plt.subplots(figsize=(1.0 * len(labels) + 2, 0.6 * len(rows) + 1.8))

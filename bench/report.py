@@ -40,13 +40,37 @@ tables above come from it):
    `QLinearAdd`, `NhwcMaxPool`, one Q and one DQ left at the graph boundary). That variant is not
    TFLite-spec (int8 activations) and torchq never writes it; it shows the headroom and where the
    fix belongs: an export option for CPU deployment that stores activations as uint8 (exactly the
-   same arithmetic), or a target that says so, is a spine decision.
-4. **Tiny models are overhead-bound.** The digits models run in 0.1–0.5 ms; per-node dispatch and
+   same arithmetic), or a target that says so, is a spine decision. (ResNet50 so stored: 53
+   `QLinearConv`, 16 `QLinearAdd`, `NhwcMaxPool`, `QGemm`; only the input Q, the global average
+   pool's DQ/Q pair and the output DQ remain.)
+4. **SiLU and squeeze-excitation multiply the problem.** `x * sigmoid(x)` reads x twice, and the
+   SE block reads its input twice (pool and multiply), so every activation of an EfficientNet-style
+   network is a branch point: nearly every conv, sigmoid and multiply stays float between Q/DQ,
+   which is why those models run several times slower in INT8 than in float here.
+5. **Transformers keep float islands in both quantizers.** LayerNormalization, GELU (exported as
+   Div/Erf/Add/Mul) and the residual adds run in float between Q/DQ in torchq's and onnxruntime's
+   models alike. torchq quantizes a Linear's output after its bias Add (the exporter emits
+   MatMul + Add for 3-D inputs), so onnxruntime runs those as `MatMulIntegerToFloat`; onnxruntime's
+   own quantizer puts a Q/DQ between MatMul and Add and gets `QLinearMatMul`.
+6. **Tiny models are overhead-bound.** The digits models run in 0.1–0.5 ms; per-node dispatch and
    the NCHW↔NHWC transposes that onnxruntime inserts around integer convolutions cost as much as the
    arithmetic, so their ratios say little about int8 speed.
-5. **Two threads on this machine are not a speed-up measurement.** The machine has 2 cores shared
+7. **Two threads on this machine are not a speed-up measurement.** The machine has 2 cores shared
    with other jobs; when another process is busy, 2-thread runs are slower than 1-thread runs for
    float and INT8 alike. The 1-thread columns are the reliable ones.
+"""
+
+
+ENTRY_POINTS = """\
+## The models, for recipes and for reuse
+
+Each trained model's factory, calibration data and evaluation are importable (`module:name`):
+
+| model | factory | calibration | evaluation |
+|---|---|---|---|
+| digits plain CNN / ResNet / MobileNetV2 / EfficientNet / ViT | `bench.digits:cnn_model`, `:resnet_model`, `:mobilenet_model`, `:efficientnet_model`, `:vit_model` (trained once, cached) | `bench.digits:calibration_loader` ((image, label) batches) | `bench.digits:evaluate` (top-1 %, torch module or ONNX) |
+| all-MiniLM-L6-v2 | `bench.minilm:load_model` | `bench.minilm:calibration_loader` ((input_ids, attention_mask) batches) | `bench.minilm:evaluate` (paraphrase top-1 %) |
+| the reference product's families | `bench.seed_models:ResNet50`, `:efficientnet_b0`, `:efficientnet_v2_s`, `:ConvNeXt`, `:RetinaNet`, `:SSDMobileNet`, `:SSDResNet34`, `:YOLOv5`, `:YOLOX` (random init; `bench.seed_models:randomized` sets BatchNorm statistics) | `bench.images:calibration_loader` (crops of real photos) | none (no pretrained weights offline) |
 """
 
 
@@ -141,5 +165,5 @@ def assemble(texts: dict[str, str], figures: dict[str, Path], *, command: str, m
         if key == "onnx" and "memory" in figures:
             lines += [f"![Calibration memory, 64 vs 1024 samples](bench/{figures['memory'].name})", ""]
         lines += [texts[key], ""]
-    lines += [WHY_SLOW]
+    lines += [WHY_SLOW, ENTRY_POINTS]
     return "\n".join(lines)

@@ -75,10 +75,29 @@ def _load_section(workdir: Path, name: str):
         return None
 
 
+def _rerender(name: str, result, text: str) -> str:
+    """A cached section's markdown from its measurements, with the current rendering code."""
+    from . import accuracy, onnx_path, seed, zoo_latency
+
+    try:
+        if name == "accuracy":
+            return accuracy.render(result)
+        if name == "seed":
+            return seed.render(result)
+        if name == "onnx":
+            return onnx_path.render(result["rows"], result["memory"], result.get("memory_model", onnx_path.MEMORY_MODEL + ".float.onnx"))
+        if name == "zoo":
+            return zoo_latency.render(result)
+    except Exception as exc:  # an old cache the current code cannot render: keep its text
+        print(f"cannot re-render {name} from the cache ({type(exc).__name__}: {exc}); keeping its old text", file=sys.stderr)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny settings (seconds to a minute); writes to out/bench-quick")
     parser.add_argument("--out", type=Path, default=None, help="where BENCHMARKS.md and bench/ go (default: docs/, or out/bench-quick with --quick)")
+    parser.add_argument("--render", action="store_true", help="measure nothing: rebuild the report and plots from the last run's cached sections")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="run only these sections (repeatable); the others are taken from the last run's cache")
     args = parser.parse_args(argv)
 
@@ -90,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = settings.cache / "work"
     (out / "bench").mkdir(parents=True, exist_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    sections = args.only or list(SECTIONS)
+    sections = [] if args.render else args.only or list(SECTIONS)
     started = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -114,14 +133,19 @@ def main(argv: list[str] | None = None) -> int:
         section_time[name] = time.perf_counter() - t0
         log(f"section {name} done in {section_time[name]:.0f} s")
         _save_section(workdir, name, texts[name], results[name], section_time[name])
-    if args.only:  # the other sections as the last full run left them, so the report stays whole
+    if args.only or args.render:  # the other sections as the last full run left them, so the report stays whole
         for name in SECTIONS:
             if name not in texts and (saved := _load_section(workdir, name)) is not None:
                 texts[name], results[name], section_time[name] = saved
+                texts[name] = _rerender(name, results[name], texts[name])
 
     figures = plots.make(results, out / "bench")
     command = "python -m bench.run" + (" --quick" if args.quick else "") + "".join(f" --only {s}" for s in args.only or [])
-    text = report.assemble(texts, figures, command=command, machine=_machine(), seconds=time.perf_counter() - started, section_time=section_time, quick=args.quick, results=results)
+    if args.render or args.only:
+        seconds_total = sum(section_time.values())
+    else:
+        seconds_total = time.perf_counter() - started
+    text = report.assemble(texts, figures, command=command, machine=_machine(), seconds=seconds_total, section_time=section_time, quick=args.quick, results=results)
     from onnx_backend.model_io import write_text_atomic
 
     write_text_atomic(out / "BENCHMARKS.md", text)

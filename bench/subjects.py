@@ -31,6 +31,7 @@ class Subject:
     notes: str = ""
     embed: Callable[[object], np.ndarray] | None = None  # embedding models: outputs to compare by cosine
     pt2e_dynamic: tuple[int, ...] = (0,)  # dims of every input that vary between calibration items
+    methods: tuple[tuple[str, bool], ...] = ()  # a subset of the ten, where time is short
 
     def calibration_feeds(self) -> list[dict[str, np.ndarray]]:
         return [{n: t.numpy() for n, t in zip(self.input_names, batch)} for batch in self.calibration()]
@@ -167,6 +168,9 @@ def method_label(method: str, symmetric: bool) -> str:
 QUICK_METHODS: tuple[tuple[str, bool], ...] = (("min_max", False), ("mse", False))
 
 
-def methods_for(settings: Settings) -> tuple[tuple[str, bool], ...]:
-    """All ten methods; two in quick mode (the tests check the tables' form, not the numbers)."""
-    return QUICK_METHODS if settings.quick else METHODS
+def methods_for(settings: Settings, subject: Subject | None = None) -> tuple[tuple[str, bool], ...]:
+    """All ten methods (or the subject's own subset); two in quick mode (the tests check the
+    tables' form, not the numbers)."""
+    if settings.quick:
+        return QUICK_METHODS
+    return subject.methods if subject is not None and subject.methods else METHODS
