@@ -121,8 +121,11 @@ def _tokenizer(padded: bool = True):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+    # the shipped tokenizer.json pads every sequence to 128 tokens by default: set padding explicitly
     if padded:
         tok.enable_padding(length=SEQ_LEN, pad_id=0, pad_token="[PAD]")
+    else:
+        tok.no_padding()
     tok.enable_truncation(max_length=SEQ_LEN)
     return tok
 

@@ -55,6 +55,10 @@ def test_minilm_matches_sentence_transformers():
     assert minilm.check_against_reference([p[0] for p in PAIRS[:6]] + [p[1] for p in PAIRS[:6]]) < 1e-4
     # unpadded (one sentence per batch) and padded inputs give the same embeddings
     sentences = [p[0] for p in PAIRS[:4]]
+    for ids, mask in minilm.tokenize(sentences, padded=False):
+        assert ids.shape == mask.shape and ids.shape[1] < minilm.SEQ_LEN and mask.all()  # really unpadded
+    ids, mask = minilm.tokenize(sentences)
+    assert ids.shape == (4, minilm.SEQ_LEN) and not mask.all()
     model = minilm.load_model()
     np.testing.assert_allclose(minilm.embed(model, sentences, padded=True), minilm.embed(model, sentences, padded=False), atol=1e-5)
 
