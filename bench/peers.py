@@ -89,3 +89,18 @@ def pt2e_quantize(model, calibration: Iterable[tuple], example_inputs: tuple, dy
             prepared(*args)
     converted = convert_pt2e(prepared)
     return converted, time.perf_counter() - t0
+
+
+def ort_calibrate_only(float_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]], method: str) -> float:
+    """Wall seconds of onnxruntime's calibration alone (create_calibrator + collect_data +
+    compute_data on the pre-processed model): what torchq's Calibrator is compared with."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = ort_preprocess(float_path, Path(tmp) / "pre.onnx")
+        t0 = time.perf_counter()
+        calibrator = create_calibrator(str(pre), augmented_model_path=str(Path(tmp) / "augmented.onnx"), calibrate_method=getattr(CalibrationMethod, method))
+        calibrator.collect_data(_Reader(feeds))
+        calibrator.compute_data()
+        return time.perf_counter() - t0

@@ -41,8 +41,8 @@ def _machine() -> str:
 
 
 def _jsonable(obj):
-    if dataclasses.is_dataclass(obj):
-        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if dataclasses.is_dataclass(obj):  # vars, not asdict: rows cached by an older version may lack new fields
+        return {k: _jsonable(v) for k, v in vars(obj).items()}
     if isinstance(obj, dict):
         return {(k if isinstance(k, str) else "/".join(map(str, k)) if isinstance(k, tuple) else str(k)): _jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -60,7 +60,7 @@ def _save_section(workdir: Path, name: str, text: str, result, seconds: float) -
     path = workdir / "sections" / f"{name}.pkl"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps((text, result, seconds)))
+    tmp.write_bytes(pickle.dumps((text, result, seconds, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))))
     os.replace(tmp, path)
 
 
@@ -70,9 +70,12 @@ def _load_section(workdir: Path, name: str):
 
     path = workdir / "sections" / f"{name}.pkl"
     try:
-        return pickle.loads(path.read_bytes())
+        saved = pickle.loads(path.read_bytes())
     except (OSError, pickle.UnpicklingError, AttributeError, EOFError):
         return None
+    if len(saved) == 4:
+        return saved
+    return (*saved, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(path.stat().st_mtime)))
 
 
 def _rerender(name: str, result, text: str) -> str:
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {}
     texts: dict[str, str] = {}
     section_time: dict[str, float] = {}
+    stamps: dict[str, str] = {}  # sections taken from an earlier run's cache: when they were measured
     for name in sections:
         t0 = time.perf_counter()
         if name == "accuracy":
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only or args.render:  # the other sections as the last full run left them, so the report stays whole
         for name in SECTIONS:
             if name not in texts and (saved := _load_section(workdir, name)) is not None:
-                texts[name], results[name], section_time[name] = saved
+                texts[name], results[name], section_time[name], stamps[name] = saved
                 texts[name] = _rerender(name, results[name], texts[name])
 
     figures = plots.make(results, out / "bench")
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         seconds_total = sum(section_time.values())
     else:
         seconds_total = time.perf_counter() - started
-    text = report.assemble(texts, figures, command=command, machine=_machine(), seconds=seconds_total, section_time=section_time, quick=args.quick, results=results)
+    text = report.assemble(texts, figures, command=command, machine=_machine(), seconds=seconds_total, section_time=section_time, quick=args.quick, results=results, stamps=stamps)
     from onnx_backend.model_io import write_text_atomic
 
     write_text_atomic(out / "BENCHMARKS.md", text)

@@ -71,16 +71,17 @@ def _subject(name: str, size: int, calib: torch.Tensor, example: torch.Tensor) -
 
 
 def _npu_summary(qmodel, report_int8: int, report_float: int) -> str:
-    """npu.check's verdict when that module exists (another branch builds it), else the planner's."""
+    """npu.check's verdict where that module exists (it lands with the NPU work), and the planner's
+    own count (QuantizationReport, target warboy) in every case."""
+    planner = f"planner: {report_int8} int8 / {report_float} float nodes"
     try:
-        from npu import check  # type: ignore[attr-defined]
+        from npu.check import check
     except ImportError:
-        return f"{report_int8} int8 / {report_float} float (QuantizationReport, target warboy)"
+        return planner
     try:
-        result = check(qmodel, target="warboy")
-        return str(getattr(result, "summary", lambda: result)())
+        return f"{check(qmodel, target='warboy').headline()}; {planner}"
     except Exception as exc:  # report, never crash the benchmark
-        return f"npu.check failed: {type(exc).__name__}: {exc}"
+        return f"npu.check failed: {type(exc).__name__}: {exc}; {planner}"
 
 
 def _other_methods(row: SeedRow, float_path: Path, calib: torch.Tensor, feeds: dict, ref: list, settings: Settings, scratch: Path) -> None:
