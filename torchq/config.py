@@ -50,7 +50,7 @@ class QuantConfig(BaseModel):
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
-    opset: int = Field(default=18, ge=13, le=23)
+    opset: int = Field(default=20, ge=13, le=23)
     target: str | None = "warboy"
     histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
