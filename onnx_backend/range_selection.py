@@ -77,7 +77,7 @@ def select_range(
     if method is Method.MIN_MAX:
         chosen = _min_max(lo, hi, symmetric)
     elif symmetric or never_negative:
-        counts, width = stats.folded_abs() if not never_negative else _nonnegative_bins(stats)
+        counts, width = stats.folded_abs()
         levels = LEVELS if never_negative else SYMMETRIC_LEVELS
         a = _ONE_SIDED[method](counts, width, levels, percentile=percentile, gamma=sqnr_gamma)
         a = min(a, max(-lo, hi))
@@ -100,12 +100,6 @@ def _min_max(lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
         a = max(-lo, hi)
         return -a, a
     return lo, hi
-
-
-def _nonnegative_bins(stats: TensorStatistics) -> tuple[np.ndarray, float]:
-    """Histogram from bin 0 upwards (the tensor is never negative)."""
-    counts = stats.counts[max(0, -stats.offset) :]
-    return np.concatenate([np.zeros(max(0, stats.offset), dtype=np.int64), counts]), stats.bin_width
 
 
 # ---- one-sided searches: thresholds a = k * width on a histogram of magnitudes ----------------

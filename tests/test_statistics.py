@@ -76,3 +76,10 @@ def test_torch_observer_accepts_half_precision(rng):
     obs = Observer("k", 4096)
     obs.update(x)
     _same(obs.to_statistics(), _stats(x.float().numpy()))
+
+
+def test_folded_histogram_is_bounded_for_data_far_from_zero():
+    s = _stats(np.float32(1.0) + np.linspace(0, 1e-6, 1000, dtype=np.float32))
+    counts, width = s.folded_abs()
+    assert counts.size <= s.max_bins and counts.sum() == 1000
+    assert counts.size * width >= s.max

@@ -11,7 +11,7 @@ from onnx_backend.errors import CalibrationError, ConfigError, InvalidModelError
 
 from .api import calibrate, quantize
 from .config import Override, QuantConfig
-from .export import ExportReport, export, export_with_report
+from .export import ExportReport, export, export_float, export_with_report
 from .prepare import is_prepared, prepare, unprepare
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "TorchqError",
     "calibrate",
     "export",
+    "export_float",
     "export_with_report",
     "is_prepared",
     "prepare",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import warnings
@@ -16,6 +17,7 @@ import torch
 from onnxscript.values import Opset
 
 from onnx_backend import markers
+from onnx_backend.calibrator import Ranges, save_ranges
 from onnx_backend.errors import CalibrationError, ConfigError, TorchqError
 from onnx_backend.model_io import save_model, write_text_atomic
 from onnx_backend.quantizer import QuantizationReport, quantize_with_report
@@ -129,9 +131,9 @@ def export_float_with_markers(
     *,
     dynamo: bool,
     opset: int,
-    input_names: Sequence[str] | None,
-    output_names: Sequence[str] | None,
-    dynamic_axes: Mapping | None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping | None = None,
     dynamic_shapes=None,
 ) -> onnx.ModelProto:
     session, _ = session_of(model)
@@ -209,6 +211,58 @@ def choose_ranges(stats: Mapping[str, TensorStatistics], source: Mapping[str, st
     return ranges, float_tensors
 
 
+@dataclass
+class _Calibrated:
+    """The float export with markers stripped, and everything bound to its tensors."""
+
+    model: ir.Model
+    bindings: dict[str, list[str]]
+    ranges: dict[str, tuple[float, float]]
+    float_tensors: set[str]
+    mismatched: set[str]
+
+
+def _export_and_bind(model, example_inputs, kwargs, dynamo, export_options) -> _Calibrated:
+    session, config = session_of(model)
+    if session.batches == 0:
+        raise CalibrationError("export before any calibration batch: run the prepared model on calibration data first")
+    args = _as_args(example_inputs)
+    _check_example_inputs(model, session, args, kwargs)
+    session.mismatched.clear()
+    proto = export_float_with_markers(model, args, kwargs, dynamo=dynamo, opset=config.opset, **export_options)
+    ir_model = ir.serde.deserialize_model(proto)
+    bindings = markers.strip_markers(ir_model)
+    stats, source = statistics_by_tensor(bindings, session.observers, skip=session.mismatched)
+    ranges, float_tensors = choose_ranges(stats, source, config)
+    return _Calibrated(ir_model, bindings, ranges, float_tensors, set(session.mismatched))
+
+
+def export_float(
+    model: torch.nn.Module,
+    example_inputs,
+    path: str | os.PathLike | None = None,
+    *,
+    ranges_path: str | os.PathLike | None = None,
+    kwargs: Mapping | None = None,
+    dynamo: bool = True,
+    **export_options,
+) -> tuple[onnx.ModelProto, Ranges]:
+    """The float ONNX model and the calibrated ranges of its tensors, for the ONNX backend.
+
+    `torchq quantize-onnx FLOAT.onnx --ranges RANGES.json` (or onnx_backend.quantize) then gives
+    the same INT8 model as `torchq.export`. Both files are written atomically if paths are given.
+    """
+    _, config = session_of(model)
+    c = _export_and_bind(model, example_inputs, kwargs, dynamo, export_options)
+    proto = ir.serde.serialize_model(c.model)
+    ranges = Ranges(c.ranges, method=f"{config.method}_{'sym' if config.symmetric else 'asym'}", percentile=config.percentile)
+    if path is not None:
+        save_model(proto, path)
+    if ranges_path is not None:
+        save_ranges(ranges, ranges_path)
+    return proto, ranges
+
+
 def export_with_report(
     model: torch.nn.Module,
     example_inputs,
@@ -222,36 +276,24 @@ def export_with_report(
     dynamo: bool = True,
     report_path: str | os.PathLike | None = None,
 ) -> tuple[onnx.ModelProto, ExportReport]:
-    session, config = session_of(model)
-    if session.batches == 0:
-        raise CalibrationError("export before any calibration batch: run the prepared model on calibration data first")
-    args = _as_args(example_inputs)
-    _check_example_inputs(model, session, args, kwargs)
-    session.mismatched.clear()
-    proto = export_float_with_markers(
-        model, args, kwargs, dynamo=dynamo, opset=config.opset, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes
-    )
-    ir_model = ir.serde.deserialize_model(proto)
-    bindings = markers.strip_markers(ir_model)
-    stats, source = statistics_by_tensor(bindings, session.observers, skip=session.mismatched)
-    ranges, float_tensors = choose_ranges(stats, source, config)
+    _, config = session_of(model)
+    options = dict(input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes)
+    c = _export_and_bind(model, example_inputs, kwargs, dynamo, options)
     qmodel, backend_report = quantize_with_report(
-        ir.serde.serialize_model(ir_model),
-        ranges,
+        ir.serde.serialize_model(c.model),
+        c.ranges,
         per_channel=config.per_channel,
         target=config.target,
-        exclude_tensors=float_tensors,
+        exclude_tensors=c.float_tensors,
         opset=config.opset,
     )
-    for tensor, keys in bindings.items():
-        if tensor in backend_report.float_tensors and any(k in session.mismatched for k in keys):
+    for tensor, keys in c.bindings.items():
+        if tensor in backend_report.float_tensors and any(k in c.mismatched for k in keys):
             backend_report.float_tensors[tensor] = f"calibration and export took different code paths at {keys[0]!r}; its statistics were not used"
-    report = ExportReport(backend_report, {t: list(k) for t, k in bindings.items()}, ranges, "dynamo" if dynamo else "torchscript")
+    report = ExportReport(backend_report, {t: list(k) for t, k in c.bindings.items()}, c.ranges, "dynamo" if dynamo else "torchscript")
     if path is not None:
         save_model(qmodel, path)
     if report_path is not None:
-        import json
-
         write_text_atomic(report_path, json.dumps(report.to_dict(), indent=1) + "\n")
     return qmodel, report
 
