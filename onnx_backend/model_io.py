@@ -185,7 +185,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     `<name>.data` beside it (protobuf cannot hold more than 2 GB)."""
     with atomic_output(path) as tmp:
         if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            onnx.save_model(model, tmp, save_as_external_data=True, location=tmp.name + ".data", all_tensors_to_one_file=True)
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving with external data rewrites the tensors it is given
+            onnx.save_model(copy, tmp, save_as_external_data=True, location=tmp.name + ".data", all_tensors_to_one_file=True)
         else:
             tmp.write_bytes(model.SerializeToString(deterministic=True))
     return Path(path)
