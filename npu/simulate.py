@@ -176,6 +176,7 @@ class Simulator:
         for v in self.qm.graph.inputs:
             if v.name in feeds:
                 a = np.asarray(feeds[v.name])
+                _check_shape(v, a)
                 dt = self.qm.dtype(v)
                 out[v.name] = a.astype(dt) if dt is not None and a.dtype != dt else a
         return out
@@ -212,6 +213,15 @@ class Simulator:
             kinds[kind] = kinds.get(kind, 0) + 1
         host = {n: d for n, (k, d) in self.placement.items() if k == "host"}
         return {"target": self.target.name if self.target else "any", "nodes": kinds, "host_nodes": host}
+
+
+def _check_shape(v: ir.Value, a: np.ndarray) -> None:
+    if v.shape is None:
+        return
+    want = [d if isinstance(d, int) else None for d in v.shape]
+    if len(want) != a.ndim or any(w is not None and w != n for w, n in zip(want, a.shape)):
+        shown = ["?" if w is None else w for w in want]
+        raise SimulationError(f"input {v.name!r}: got shape {list(a.shape)}, the model takes {shown}")
 
 
 def simulate(model, feeds, target: str | Target | None = "warboy", *, rounding: str = "single") -> list[np.ndarray]:
