@@ -165,17 +165,18 @@ def max_pool(q: np.ndarray, attrs: dict, pad_value: int) -> np.ndarray:
     return win.max(axis=tuple(range(-n, 0)))
 
 
-def window_sums(q: np.ndarray, attrs: dict, pad_value: int) -> tuple[np.ndarray, np.ndarray]:
-    """(sum over each AveragePool window as int64, number of elements it is divided by)."""
-    kernel, strides, dilations, begin, end, out = pool_geometry(q, attrs)
+def window_sums(x: np.ndarray, attrs: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(sum over each AveragePool window of x, as int64; the number it is divided by).
+
+    x holds q - zero_point, so padding (real 0) adds nothing; the count is the window's
+    elements inside the input, or inside input and pads with count_include_pad (never the
+    extra end padding of ceil_mode)."""
+    kernel, strides, dilations, begin, end, out = pool_geometry(x, attrs)
     n = len(kernel)
     axes = tuple(range(-n, 0))
-    win = windows(q.astype(np.int64), kernel, strides, dilations, begin, end, out, pad_value)
-    sums = win.sum(axis=axes)
-    # count: the window's elements inside the input (count_include_pad: inside the pads too)
-    include_pad = bool(attrs.get("count_include_pad", 0))
-    ones = np.ones((1, 1) + q.shape[2:], np.int64)
-    if include_pad:
+    sums = windows(x.astype(np.int64), kernel, strides, dilations, begin, end, out, 0).sum(axis=axes)
+    ones = np.ones((1, 1) + x.shape[2:], np.int64)
+    if attrs.get("count_include_pad", 0):
         ones = np.pad(ones, [(0, 0), (0, 0)] + list(zip(begin, end)), constant_values=1)
         count = windows(ones, kernel, strides, dilations, [0] * n, [0] * n, out, 0).sum(axis=axes)
     else:

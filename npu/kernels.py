@@ -463,14 +463,14 @@ def build_average_pool(ctx: UnitContext) -> Kernel:
     sx, zx = x.params.per_tensor()
 
     def run(lookup):
-        sums, count = iops.window_sums(x.value(lookup), ctx.attrs, zx)
+        sums, count = iops.window_sums(x.centered(lookup), ctx.attrs)
         results = []
         for o in ctx.outputs:
-            if x.params.same_as(o.params):  # TFLite: (sum + count / 2) / count, ties away from 0
-                y = rounding_divide(sums, count)
+            if x.params.same_as(o.params):  # TFLite: raw codes summed, (sum + count/2) / count
+                y = rounding_divide(sums + zx * count, count)
             else:
                 sy, zy = o.params.per_tensor()
-                y = ctx.rq(sx / (sy * count.astype(np.float64)))(sums - zx * count) + zy
+                y = ctx.rq(sx / (sy * count.astype(np.float64)))(sums) + zy
             results.append(ctx.finish(y, o))
         return results
 
