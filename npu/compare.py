@@ -36,6 +36,7 @@ from .target import Target
 
 MIN_IDENTICAL = 0.999  # share of identical values an agreeing tensor needs
 MAX_STEPS = 1  # largest difference, in quantization steps, an agreeing tensor may have
+FLOAT_RTOL = 1e-5  # float outputs of host ops: equal within this share of their largest value
 
 
 @dataclass
@@ -50,6 +51,10 @@ class TensorComparison:
     local_identical: int = 0
     local_max_steps: int = 0
     output: str | None = None  # the graph output this tensor is, if any
+    # a float model output (made by a host op): no quantization step, so "identical" means
+    # equal within FLOAT_RTOL of the output's magnitude, and max_abs_diff is kept instead
+    is_float: bool = False
+    max_abs_diff: float = 0.0
 
     @property
     def share(self) -> float:
@@ -76,6 +81,16 @@ class TensorComparison:
         self.local_identical += int(np.count_nonzero(dl == 0))
         self.max_steps = max(self.max_steps, int(d.max(initial=0)))
         self.local_max_steps = max(self.local_max_steps, int(dl.max(initial=0)))
+
+    def add_float(self, ref: np.ndarray, sim: np.ndarray, ref_local: np.ndarray, local: np.ndarray) -> None:
+        ref, ref_local = np.asarray(ref, np.float64), np.asarray(ref_local, np.float64)
+        d = np.abs(ref - np.asarray(sim, np.float64))
+        dl = np.abs(ref_local - np.asarray(local, np.float64))
+        tol = FLOAT_RTOL * max(float(np.max(np.abs(ref), initial=0.0)), np.finfo(np.float32).tiny)
+        self.elements += ref.size
+        self.identical += int(np.count_nonzero(d <= tol))
+        self.local_identical += int(np.count_nonzero(dl <= tol))
+        self.max_abs_diff = max(self.max_abs_diff, float(d.max(initial=0.0)))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -138,7 +153,8 @@ class CompareReport:
     def to_text(self, *, show_all: bool = False) -> str:
         lines = [f"simulator (target {self.target}, {self.rounding} rounding) vs onnxruntime (optimization {self.ort_optimization}), {self.samples} sample(s)"]
         for t in self.outputs:
-            lines.append(f"  output {t.output}: {_pct(t.share)} identical, max {t.max_steps} step(s) -> {'agrees' if t.agrees else 'DIVERGES'}")
+            diff = f"max |diff| {t.max_abs_diff:.3g} (float, from the host)" if t.is_float else f"max {t.max_steps} step(s)"
+            lines.append(f"  output {t.output}: {_pct(t.share)} identical, {diff} -> {'agrees' if t.agrees else 'DIVERGES'}")
         fd, fl = self.first_divergent, self.first_local_divergent
         lines.append(f"  first divergent tensor: {_where(fd)}" if fd else "  every quantized tensor agrees (>= 99.9 % identical, <= 1 step)")
         if fl is not None:
@@ -149,7 +165,7 @@ class CompareReport:
         if rows:
             header = ("tensor", "node", "op", "runs", "elements", "identical", "max", "local identical", "local max")
             cells = [
-                (t.tensor, t.node, t.op_type, t.runs, str(t.elements), _pct(t.share), str(t.max_steps), _pct(t.local_share), str(t.local_max_steps))
+                (t.tensor, t.node, t.op_type, t.runs, str(t.elements), _pct(t.share), f"{t.max_abs_diff:.2g}" if t.is_float else str(t.max_steps), _pct(t.local_share), "-" if t.is_float else str(t.local_max_steps))
                 for t in rows
             ]
             widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
@@ -228,6 +244,10 @@ class Comparator:
                 src = producer.get(s.inputs[0])
                 node, op, runs = (src.node, src.op_type, src.kind) if src is not None else ("(model input)", "QuantizeLinear", "quantize")
             self.report.tensors.append(TensorComparison(name, node, op, runs, output=self.output_of.get(name)))
+        for v in qm.graph.outputs:  # float outputs of host ops
+            if v.name not in self.output_of.values() and v.name in producer:
+                s = producer[v.name]
+                self.report.tensors.append(TensorComparison(v.name, s.node, s.op_type, s.kind, output=v.name, is_float=True))
         self._q_params = {n.outputs[0].name: qm.qparams(n) for n in qm.nodes if qm.is_q(n)}
 
     def add(self, feeds) -> None:
@@ -238,6 +258,9 @@ class Comparator:
         forced = {n: exposed[n] for n in self.quantized}
         local = self.sim.run_all(feeds, forced=forced)
         for t in self.report.tensors:
+            if t.is_float:
+                t.add_float(plain[t.tensor], sim[t.tensor], exposed[t.tensor], local[t.tensor])
+                continue
             ort_q = exposed[t.tensor]
             if t.output is not None:  # the model's own output, end to end from the unmodified session
                 t.add(self._requantize_output(t, plain[t.output]), sim[t.tensor], ort_q, local[t.tensor])
