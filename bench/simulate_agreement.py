@@ -32,18 +32,18 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from npu.compare import Comparator
+    from npu.compare import Comparator, _pct
     from onnx_backend.model_io import write_text_atomic
-    from tests.npu.conftest import _quantize, zoo_feeds
+    from tests.npu.zoo_models import quantized_zoo_model, zoo_feeds
     from tests.zoo import ZOO
 
     torch.set_num_threads(1)
     rows = []
-    header = "| model | exporter | config | outputs identical (single rounding) | max steps | quantized tensors agreeing end to end / locally | outputs identical (double rounding) | max steps |"
+    header = "| model | exporter | config | outputs identical, single rounding | max steps | quantized tensors agreeing, end to end / locally | outputs identical, double rounding | max steps |"
     for name in sorted(ZOO):
         for dynamo in (True, False):
             for target in (None, "warboy"):
-                q = _quantize(name, dynamo, target)
+                q = quantized_zoo_model(name, dynamo, target)
                 cells = []
                 for rounding in ("single", "double"):
                     c = Comparator(q, target, rounding=rounding)
@@ -51,13 +51,13 @@ def main(argv=None) -> int:
                         c.add(zoo_feeds(name, seed))
                     r = c.report
                     share = min(t.share for t in r.outputs)
-                    steps = max(t.max_steps for t in r.outputs if not t.is_float) if any(not t.is_float for t in r.outputs) else "float"
+                    steps = ", ".join(f"{t.max_abs_diff:.1g} (float output)" if t.is_float else str(t.max_steps) for t in r.outputs)
                     cells.append((share, steps, r))
                 (s1, m1, r1), (s2, m2, _) = cells
                 quantized = [t for t in r1.tensors if not t.is_float]
                 n = len(quantized)
                 agree = f"{sum(t.agrees for t in quantized)}/{n} / {sum(t.local_agrees for t in quantized)}/{n}"
-                row = f"| {name} | {'dynamo' if dynamo else 'torchscript'} | {'default (warboy)' if target else 'target=None'} | {100 * s1:.3f} % | {m1} | {agree} | {100 * s2:.3f} % | {m2} |"
+                row = f"| {name} | {'dynamo' if dynamo else 'torchscript'} | {'default (warboy)' if target else 'target=None'} | {_pct(s1)} | {m1} | {agree} | {_pct(s2)} | {m2} |"
                 rows.append(row)
                 print(row, flush=True)
     table = "\n".join([header, "|---|---|---|---|---|---|---|---|"] + rows)

@@ -27,7 +27,6 @@ from onnx_backend.model_io import default_opset, load_model
 from onnx_backend.planner import clip_bounds
 
 QUANT_OPS = ("QuantizeLinear", "DequantizeLinear")
-INT_TYPES = {np.dtype(t) for t in ("int8", "uint8", "int16", "uint16", "int32")}
 # ops whose output is shape/index arithmetic even when an input is a float activation
 NON_DATA_OPS = spec.SHAPE_OPS | {"Constant"}
 

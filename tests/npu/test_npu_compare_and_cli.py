@@ -10,7 +10,7 @@ import pytest
 
 import npu
 from npu.compare import Comparator
-from tests.npu.conftest import zoo_feeds
+from tests.npu.zoo_models import zoo_feeds
 from tests.npu.qdq_models import conv_unit
 from torchq.cli import main
 

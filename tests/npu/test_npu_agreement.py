@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from npu.compare import MAX_STEPS, MIN_IDENTICAL, Comparator
-from tests.npu.conftest import zoo_feeds
+from tests.npu.zoo_models import zoo_feeds
 from tests.zoo import ZOO
 
 NO_INTEGER_KERNEL = {"LayerNormalization"}  # runs on the host (float) even where the target accepts it
