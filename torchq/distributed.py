@@ -21,6 +21,7 @@ histograms packed into a single int64 tensor (at most `histogram_bins` int64 per
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
 import torch
@@ -31,6 +32,10 @@ from onnx_backend.statistics import TensorStatistics, coarsen, realign, required
 
 from .observer import Observer
 from .prepare import session_of
+
+
+# sessions whose statistics are already merged -> their batch count then
+_MERGED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def is_distributed(group=None) -> bool:
@@ -52,12 +57,18 @@ def merge_statistics(model: torch.nn.Module, group=None) -> int:
     """Merge the prepared `model`'s statistics across the ranks of `group` (all ranks must call it).
 
     Afterwards each rank's observers hold the statistics of all ranks' data together. Returns the
-    number of calibration batches seen by all ranks. Without an initialized process group (or
+    number of calibration batches seen by all ranks. Calling it again is a no-op (unless batches
+    ran in between, which is an error: merge once, after the last batch). Without an initialized process group (or
     with one rank) it does nothing and returns this process's batch count.
     """
     session, _ = session_of(model)
     if not is_distributed(group):
         return session.batches
+    if session in _MERGED:
+        # The observers already hold every rank's data; merging again would count it twice.
+        if _MERGED[session] == session.batches:
+            return session.batches
+        raise CalibrationError("calibration batches ran after merge_statistics; merge once, after the last calibration batch")
     device = _device(group)
     # 1. the union of the observed keys (a rank may not have seen a key: data-dependent branches)
     local = {key: obs.ndim for key, obs in session.observers.items() if not obs.empty}
@@ -117,6 +128,7 @@ def merge_statistics(model: torch.nn.Module, group=None) -> int:
         obs.load_statistics(merged, device=target_device)
         obs.ndim = ndims[key]
     session.batches = batches
+    _MERGED[session] = batches
     return batches
 
 

@@ -25,12 +25,13 @@ def loader(split: str = "train", n: int | None = 256, batch_size: int = 32, scal
 class DigitsClassifier(LightningModule):
     """forward(x) -> logits; validation_step logs val_acc (accuracy in [0, 1]) and val_loss."""
 
-    def __init__(self, width: int = 8, lr: float = 1e-2):
+    def __init__(self, width: int = 8, lr: float = 1e-2, batchnorm: bool = True):
         super().__init__()
         self.save_hyperparameters()
+        torch.manual_seed(0)
         self.net = nn.Sequential(
             nn.Conv2d(1, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
+            nn.BatchNorm2d(width) if batchnorm else nn.Identity(),
             nn.ReLU(),
             nn.Conv2d(width, 2 * width, 3, padding=1),
             nn.ReLU(),
