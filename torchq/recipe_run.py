@@ -63,9 +63,10 @@ class RecipeResult:
 # ---- the model and the data ---------------------------------------------------------------------
 
 
-def build_model(section: ModelSection, where: str) -> torch.nn.Module:
+def build_model(section: ModelSection, where: str, kwargs_at: str | None = None) -> torch.nn.Module:
+    """`where` names the recipe (or the line, or the --set) in error messages."""
     factory = resolve_import(section.factory, "model.factory", where)
-    model = call_user(factory, "model.factory", where, **section.kwargs)
+    model = call_user(factory, "model.factory", where, kwargs_at=kwargs_at, **section.kwargs)
     if not isinstance(model, torch.nn.Module):
         raise RecipeError(f"{where}: model.factory: {section.factory} returned a {type(model).__name__}, not a torch.nn.Module")
     if section.checkpoint:
@@ -183,8 +184,9 @@ def run_recipe(recipe: Recipe, output=None, *, evaluate: bool = True, quiet: boo
     seconds = {}
 
     t = time.perf_counter()
-    model = build_model(model_section, where).to(cal.device)
-    loader = call_user(resolve_import(cal.loader, "calibration.loader", where), "calibration.loader", where, **cal.kwargs)
+    model = build_model(model_section, recipe.origin("model.factory"), recipe.origin("model.kwargs")).to(cal.device)
+    at = recipe.origin("calibration.loader")
+    loader = call_user(resolve_import(cal.loader, "calibration.loader", at), "calibration.loader", at, kwargs_at=recipe.origin("calibration.kwargs"), **cal.kwargs)
     seconds["load"] = time.perf_counter() - t
     log(f"model {model_section.factory} ({sum(p.numel() for p in model.parameters()):,} parameters); calibrating with {config.method}{' symmetric' if config.symmetric else ''}")
 
@@ -221,14 +223,15 @@ def run_recipe(recipe: Recipe, output=None, *, evaluate: bool = True, quiet: boo
     if evaluate and spec.evaluation is not None:
         t = time.perf_counter()
         ev = spec.evaluation
+        where = recipe.origin("evaluation.function")
         fn = resolve_import(ev.function, "evaluation.function", where)
         with tqdm(total=2, desc="evaluating", disable=quiet, unit="model", leave=False) as bar:
             bar.set_postfix_str("float")
             with torch.no_grad():
-                f = _number(call_user(fn, "evaluation.function", where, model, **ev.kwargs), "evaluation.function", where)
+                f = _number(call_user(fn, "evaluation.function", where, model, kwargs_at=recipe.origin("evaluation.kwargs"), **ev.kwargs), "evaluation.function", where)
             bar.update()
             bar.set_postfix_str("int8")
-            q = _number(call_user(fn, "evaluation.function", where, str(out), **ev.kwargs), "evaluation.function", where)
+            q = _number(call_user(fn, "evaluation.function", where, str(out), kwargs_at=recipe.origin("evaluation.kwargs"), **ev.kwargs), "evaluation.function", where)
             bar.update()
         result.metric, result.float_metric, result.int8_metric, result.higher_is_better = ev.metric, f, q, ev.higher_is_better
         seconds["evaluate"] = time.perf_counter() - t

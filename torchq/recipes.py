@@ -157,10 +157,12 @@ Origins = dict[tuple, str]  # key path -> "file:line" (or "--set key=value") tha
 
 
 def _where(path: Path) -> str:
+    """A path as short as it is clear: relative below the working directory, else absolute."""
     try:
-        return os.path.relpath(path)
+        rel = os.path.relpath(path)
     except ValueError:  # another drive on Windows
         return str(path)
+    return str(path.resolve()) if rel.startswith("..") else rel
 
 
 def _check_shape(data: Any, where: str) -> None:
@@ -179,26 +181,32 @@ def _check_shape(data: Any, where: str) -> None:
             stack.extend((v, depth + 1) for v in obj)
 
 
-def _key_lines(node: yaml.Node, where: str, prefix: tuple = (), out: Origins | None = None) -> Origins:
-    """{key path: "file:line"} from the composed YAML; duplicate keys are an error (PyYAML
-    would silently keep the last one)."""
-    out = {} if out is None else out
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key in seen:
-                raise RecipeError(f"{where}:{key_node.start_mark.line + 1}: duplicate key {'.'.join(map(str, prefix + (key,)))!r}")
-            seen.add(key)
-            path = prefix + (_scalar_key(key_node),)
-            out[path] = f"{where}:{key_node.start_mark.line + 1}"
-            if len(path) < MAX_DEPTH:
-                _key_lines(value_node, where, path, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out[prefix + (i,)] = f"{where}:{item.start_mark.line + 1}"
-            if len(prefix) < MAX_DEPTH:
-                _key_lines(item, where, prefix + (i,), out)
+def _key_lines(root: yaml.Node, where: str) -> Origins:
+    """{key path: "file:line"} from the composed YAML (iteratively, counting every use of an
+    alias, so an alias bomb stops at MAX_NODES); duplicate keys are an error (PyYAML would
+    silently keep the last one)."""
+    out: Origins = {}
+    stack, visits = [(root, ())], 0
+    while stack:
+        node, prefix = stack.pop()
+        visits += 1
+        if visits > MAX_NODES:
+            raise RecipeError(f"{where}: recipe too large (more than {MAX_NODES} values, counting each use of an alias)")
+        if len(prefix) > MAX_DEPTH:
+            raise RecipeError(f"{where}: recipe nested more than {MAX_DEPTH} levels deep")
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, value_node in node.value:
+                key = _scalar_key(key_node)
+                if key in seen:
+                    raise RecipeError(f"{where}:{key_node.start_mark.line + 1}: duplicate key {'.'.join(map(str, prefix + (key,)))!r}")
+                seen.add(key)
+                out[prefix + (key,)] = f"{where}:{key_node.start_mark.line + 1}"
+                stack.append((value_node, prefix + (key,)))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                out[prefix + (i,)] = f"{where}:{item.start_mark.line + 1}"
+                stack.append((item, prefix + (i,)))
     return out
 
 
@@ -405,11 +413,12 @@ def format_errors(exc: ValidationError, origins: Origins, fallback: str) -> str:
 class Recipe:
     """A validated recipe. `Recipe.load(path, overrides=[...])`, then `.run()`."""
 
-    def __init__(self, spec: RecipeSpec, *, source: Path | None = None, files: Iterable[Path] = (), overrides: Iterable[str] = ()):
+    def __init__(self, spec: RecipeSpec, *, source: Path | None = None, files: Iterable[Path] = (), overrides: Iterable[str] = (), origins: Origins | None = None):
         self.spec = spec
         self.source = source
         self.files = list(files)
         self.overrides = list(overrides)
+        self.origins = dict(origins or {})
 
     @classmethod
     def load(cls, path: str | os.PathLike, overrides: Iterable[str] = ()) -> Recipe:
@@ -421,7 +430,7 @@ class Recipe:
             key, value = parse_override(text)
             apply_override(data, key, value, text)
             origins = _merge_origins(origins, {key: f"--set {text}"}, {})
-        return cls(cls._validate(data, origins, _where(path)), source=path, files=files, overrides=overrides)
+        return cls(cls._validate(data, origins, _where(path)), source=path, files=files, overrides=overrides, origins=origins)
 
     @classmethod
     def from_dict(cls, data: Mapping, overrides: Iterable[str] = ()) -> Recipe:
@@ -435,7 +444,7 @@ class Recipe:
             key, value = parse_override(text)
             apply_override(data, key, value, text)
             origins[key] = f"--set {text}"
-        return cls(cls._validate(data, origins, "<dict>"), overrides=overrides)
+        return cls(cls._validate(data, origins, "<dict>"), overrides=overrides, origins=origins)
 
     @staticmethod
     def _validate(data: dict, origins: Origins, where: str) -> RecipeSpec:
@@ -447,6 +456,10 @@ class Recipe:
     @property
     def where(self) -> str:
         return _where(self.source) if self.source else "<dict>"
+
+    def origin(self, key: str) -> str:
+        """Where a dotted key was set: "file:line", "--set key=value", or the recipe itself."""
+        return _origin(self.origins, tuple(int(p) if p.isdigit() else p for p in key.split(".")), self.where)
 
     def quant_config(self) -> QuantConfig:
         q = self.spec.quantization
@@ -488,20 +501,20 @@ def resolve_import(import_path: str, key: str, where: str):
             raise RecipeError(f"{where}: {key}: {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise RecipeError(f"{where}: {key}: {import_path!r} is a {type(obj).__name__}, not a function or class")
+        raise RecipeError(f"{where}: {key}: {import_path!r} is not a function or class (it is of type {type(obj).__name__})")
     return obj
 
 
-def call_user(fn, key: str, where: str, *args, **kwargs):
-    """Call recipe-named code; its failure becomes one clear line naming the key (traceback with --debug)."""
+def call_user(fn, key: str, where: str, *args, kwargs_at: str | None = None, **kwargs):
+    """Call recipe-named code; its failure becomes one clear line naming the key and, when they
+    were set elsewhere, where its kwargs came from (the traceback shows with --debug)."""
     from onnx_backend.errors import TorchqError
 
     try:
         return fn(*args, **kwargs)
     except TorchqError:
         raise
-    except TypeError as exc:
-        hint = f" (check {key.rsplit('.', 1)[0]}.kwargs)" if "argument" in str(exc) else ""
-        raise RecipeError(f"{where}: {key}: {getattr(fn, '__qualname__', fn)} raised TypeError: {exc}{hint}") from exc
     except Exception as exc:
-        raise RecipeError(f"{where}: {key}: {getattr(fn, '__qualname__', fn)} raised {type(exc).__name__}: {exc}") from exc
+        section = key.rsplit(".", 1)[0]
+        hint = f" (check {section}.kwargs{', set at ' + kwargs_at if kwargs_at and kwargs_at != where else ''})" if kwargs else ""
+        raise RecipeError(f"{where}: {key}: {getattr(fn, '__qualname__', fn)} raised {type(exc).__name__}: {exc}{hint}") from exc
