@@ -172,6 +172,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
             with open(tmp, "wb") as f:
                 f.write(model.SerializeToString(deterministic=True))
         _fsync(Path(tmp))
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputPathError(f"{path}: could not write ({exc.strerror or exc}); nothing was written") from None
@@ -196,6 +197,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputPathError(f"{path}: could not write ({exc.strerror or exc}); nothing was written") from None
@@ -203,6 +205,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _umask_mode() -> int:
+    """The mode open() would give a new file: mkstemp makes 0600 files, which would leave every
+    output readable by its owner only."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _fsync(path: Path) -> None:
