@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from onnx_backend.errors import OutputPathError
-from onnx_backend.model_io import write_text_atomic
+from onnx_backend.model_io import _umask_mode, write_text_atomic
 
 from .report import QuantReport, TensorResult
 
@@ -63,7 +63,7 @@ def _save(fig, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except OSError as exc:
         raise OutputPathError(f"{path}: could not write ({exc.strerror or exc}); nothing was written") from None
