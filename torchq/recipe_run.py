@@ -49,13 +49,16 @@ class RecipeResult:
 
     def summary_lines(self) -> list[str]:
         s = self.export_report.backend.plan.summary()
+        floats = len(self.export_report.float_tensors)
+        parts = [f"{n} {what}{'s' if n != 1 else ''}" for n, what in ((s["float_nodes"], "node"), (floats, "tensor")) if n]
+        left = f"; {' and '.join(parts)} left in float (why: see the report)" if parts else ""
         lines = [
             f"INT8 model:   {self.onnx_path}",
-            f"quantized:    {s['quantized_tensors']} tensors, {s['int8_nodes']} nodes in int8, {s['float_nodes']} in float ({len(self.export_report.float_tensors)} float tensors, reasons in the report)",
+            f"quantized:    {s['quantized_tensors']} tensors, {s['int8_nodes']} nodes in int8{left}",
             f"spec check:   {'all TFLite 8-bit rules hold' if not self.violations else f'{len(self.violations)} broken rules (see the report)'}",
         ]
         if self.float_metric is not None:
-            lines.append(f"{self.metric}:".ljust(14) + f"float {self.float_metric:.4g}   INT8 {self.int8_metric:.4g}   change {self.metric_change:+.4g}")
+            lines.append(f"metric:       {self.metric}: float {self.float_metric:.4g}, INT8 {self.int8_metric:.4g} (change {self.metric_change:+.4g})")
         lines += [f"report:       {p}" for p in self.report_paths]
         return lines
 
@@ -263,6 +266,11 @@ def job_report_dict(recipe: Recipe, r: RecipeResult) -> dict:
     }
 
 
+def _describe_override(o) -> str:
+    settings = [f"{k} {v}" for k, v in o.model_dump(exclude={"pattern", "keep_float"}).items() if v is not None]
+    return f"`{o.pattern}`: " + (", ".join(settings + (["float"] if o.keep_float else [])) or "no change")
+
+
 def job_report_markdown(recipe: Recipe, r: RecipeResult) -> str:
     spec, s = recipe.spec, r.export_report.backend.plan.summary()
     q = spec.quantization
@@ -276,6 +284,8 @@ def job_report_markdown(recipe: Recipe, r: RecipeResult) -> str:
         f"| model | `{spec.model.factory}`{f' + `{spec.model.checkpoint}`' if spec.model.checkpoint else ''} |",
         f"| calibration | `{spec.calibration.loader}`, {r.calibration_batches} batches |",
         f"| method | {q.method}, {'symmetric' if q.symmetric else 'asymmetric'}{f', percentile {q.percentile}' if q.method == 'percentile' else ''}, {'per-channel' if q.per_channel else 'per-tensor'} weights |",
+        f"| overrides | {'; '.join(_describe_override(o) for o in q.overrides) or '-'} |",
+        f"| excluded | {', '.join(f'`{p}`' for p in q.exclude) or '-'} |",
         f"| target | {spec.target or 'every op'} |",
         f"| export | {spec.export.exporter} exporter, opset {spec.export.opset} |",
         f"| INT8 model | `{r.onnx_path}` |",
@@ -286,7 +296,7 @@ def job_report_markdown(recipe: Recipe, r: RecipeResult) -> str:
     lines += [
         "## What was quantized",
         "",
-        f"{s['quantized_tensors']} activation tensors quantized, {s['int8_nodes']} nodes in int8, {s['float_nodes']} nodes in float, "
+        f"{s['quantized_tensors']} activation tensors quantized, {s['int8_nodes']} nodes in int8, {s['float_nodes']} in float, "
         f"{s['absorbed_activations']} activations fused into their producers, {s['requantized_edges']} requantized edges.",
         "",
     ]

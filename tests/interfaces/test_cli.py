@@ -83,9 +83,9 @@ def test_quiet_prints_only_the_result(tmp_path):
     p = torchq("--quiet", "quantize", "--recipe", ROOT / "recipes" / "digits.yaml", "--no-eval", "--set", "calibration.num_batches=1", "-o", tmp_path / "d.onnx", cwd=tmp_path)
     assert p.returncode == 0 and p.stderr == ""
     assert p.stdout.startswith("INT8 model:")
-    p2 = torchq("quantize", "--quiet", "--check", "--recipe", ROOT / "recipes" / "digits_entropy_sym.yaml")
-    assert p2.returncode == 0 and p2.stdout.splitlines()[0].endswith("valid (recipes/digits_entropy_sym.yaml <- recipes/digits.yaml)")
-    assert "method: entropy" in p2.stdout
+    p2 = torchq("quantize", "--quiet", "--check", "--recipe", ROOT / "recipes" / "digits_percentile_sym.yaml")
+    assert p2.returncode == 0 and p2.stdout.splitlines()[0].endswith("valid (recipes/digits_percentile_sym.yaml <- recipes/digits.yaml)")
+    assert "method: percentile" in p2.stdout and "exporter: torchscript" in p2.stdout
 
 
 def test_bad_recipe_is_one_line_and_debug_shows_the_traceback(tmp_path):

@@ -230,7 +230,7 @@ def test_digits_recipe_end_to_end(tmp_path, monkeypatch):
 
 def test_composed_recipe_applies_overrides_and_float_modules(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    r = Recipe.load(RECIPES / "digits_entropy_sym.yaml", overrides=["calibration.num_batches=2", "evaluation=null", "export.path=m.onnx"])
+    r = Recipe.load(RECIPES / "digits_percentile_sym.yaml", overrides=["calibration.num_batches=2", "evaluation=null", "export.path=m.onnx"])
     result = r.run(quiet=True)
     assert_valid(onnx.load(result.onnx_path))
     assert result.float_metric is None and result.calibration_batches == 2
