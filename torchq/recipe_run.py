@@ -24,6 +24,20 @@ from .prepare import prepare, unprepare
 from .recipes import ModelSection, Recipe, RecipeError, call_user, resolve_import
 
 
+def quantized_activations(model) -> list[str]:
+    """Names of the activations the written model quantizes (inputs of its QuantizeLinear nodes,
+    under their original names). Counted from the model itself: the plan also lists tensors that
+    a fused activation absorbed."""
+    inits = {t.name for t in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    names = []
+    for n in model.graph.node:
+        if n.op_type == "QuantizeLinear" and n.input[0] not in inits and "_requant" not in n.name:
+            x = n.input[0]
+            names.append(x[: -len("_float")] if x.endswith("_float") and x[: -len("_float")] in outputs else x)
+    return list(dict.fromkeys(names))
+
+
 @dataclass
 class RecipeResult:
     """What a recipe run produced."""
@@ -38,6 +52,7 @@ class RecipeResult:
     higher_is_better: bool = True
     report_paths: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    quantized: list[str] = field(default_factory=list)  # activations with Q/DQ in the written model
 
     @property
     def metric_change(self) -> float | None:
@@ -54,7 +69,7 @@ class RecipeResult:
         left = f"; {' and '.join(parts)} left in float (why: see the report)" if parts else ""
         lines = [
             f"INT8 model:   {self.onnx_path}",
-            f"quantized:    {s['quantized_tensors']} tensors, {s['int8_nodes']} nodes in int8{left}",
+            f"quantized:    {len(self.quantized)} activations, {s['int8_nodes']} nodes in int8{left}",
             f"spec check:   {'all TFLite 8-bit rules hold' if not self.violations else f'{len(self.violations)} broken rules (see the report)'}",
         ]
         if self.float_metric is not None:
@@ -160,6 +175,25 @@ def _number(value, key: str, where: str) -> float:
     return out
 
 
+def write_float_model(model, args, kwargs, e, opset: int, path: Path) -> Path:
+    """The float model through the same export as the INT8 one (markers removed), so its tensor
+    names are the INT8 model's -- what `torchq report` matches on."""
+    import onnx_ir as ir
+
+    from onnx_backend import markers
+    from onnx_backend.model_io import save_model
+
+    from .export import export_float_with_markers
+
+    proto = export_float_with_markers(
+        model, args, kwargs or None, dynamo=e.exporter == "dynamo", opset=opset, input_names=e.input_names, output_names=e.output_names, dynamic_axes=e.dynamic_axes
+    )
+    ir_model = ir.serde.deserialize_model(proto)
+    markers.strip_markers(ir_model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_model(ir.serde.serialize_model(ir_model), path)
+
+
 # ---- the job -----------------------------------------------------------------------------------
 
 
@@ -218,11 +252,13 @@ def run_recipe(recipe: Recipe, output=None, *, evaluate: bool = True, quiet: boo
             dynamic_axes=e.dynamic_axes,
             dynamo=e.exporter == "dynamo",
         )
+        if e.float_path:
+            write_float_model(model, args, kwargs, e, config.opset, Path(e.float_path))
         seconds["export"] = time.perf_counter() - t
     finally:
         unprepare(model)
 
-    result = RecipeResult(out, report, validate(qmodel), batches, seconds=seconds)
+    result = RecipeResult(out, report, validate(qmodel), batches, seconds=seconds, quantized=quantized_activations(qmodel))
     if evaluate and spec.evaluation is not None:
         t = time.perf_counter()
         ev = spec.evaluation
@@ -256,10 +292,12 @@ def job_report_dict(recipe: Recipe, r: RecipeResult) -> dict:
         "recipe_files": [os.path.relpath(f) for f in recipe.files],
         "overrides": recipe.overrides,
         "model": str(r.onnx_path),
+        "float_model": recipe.spec.export.float_path,
         "calibration_batches": r.calibration_batches,
         "metric": None
         if r.float_metric is None
         else {"name": r.metric, "float": r.float_metric, "int8": r.int8_metric, "change": r.metric_change, "higher_is_better": r.higher_is_better},
+        "quantized_activations": r.quantized,
         "spec_check": [str(v) for v in r.violations],
         "quantization": r.export_report.to_dict(),
         "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
@@ -296,10 +334,21 @@ def job_report_markdown(recipe: Recipe, r: RecipeResult) -> str:
     lines += [
         "## What was quantized",
         "",
-        f"{s['quantized_tensors']} activation tensors quantized, {s['int8_nodes']} nodes in int8, {s['float_nodes']} in float, "
+        f"{len(r.quantized)} activations quantized, {s['int8_nodes']} nodes in int8, {s['float_nodes']} in float, "
         f"{s['absorbed_activations']} activations fused into their producers, {s['requantized_edges']} requantized edges.",
         "",
     ]
+    rep = r.export_report
+    lines += [
+        "Quantized tensors, the PyTorch module that computed each (what `quantization.overrides` patterns match), and the range chosen:",
+        "",
+        "| tensor | PyTorch origin | range |",
+        "|---|---|---|",
+    ]
+    for t in r.quantized:
+        lo, hi = rep.ranges.get(t, (math.nan, math.nan))
+        lines.append(f"| `{t}` | `{(rep.keys_of_tensor.get(t) or ['-'])[0]}` | [{lo:.4g}, {hi:.4g}] |")
+    lines.append("")
     floats = r.export_report.float_tensors
     if floats:
         lines += ["Tensors left in float, and why:", "", "| tensor | PyTorch origin | reason |", "|---|---|---|"]

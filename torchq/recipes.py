@@ -112,6 +112,7 @@ class QuantizationSection(_Section):
 
 class ExportSection(_Section):
     path: str | None = None  # the INT8 ONNX file; `torchq quantize -o` overrides it
+    float_path: str | None = None  # also write the float ONNX (same export, same tensor names), e.g. for `torchq report`
     opset: int = Field(default=18, ge=13, le=23)
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     input_names: tuple[str, ...] | None = None

@@ -178,7 +178,10 @@ def _summary_lines(report: QuantReport) -> list[str]:
             lines.append(f"Last quantized tensor: `{final[0].name}` at {_fmt_db(final[0].sqnr_db)} dB.")
     hurt = [layer for layer in report.layers if layer.lost_db is not None and layer.lost_db > 0][:1]
     if hurt:
-        lines.append(f"Most SQNR lost at node `{hurt[0].node}` ({hurt[0].op_type}): {_fmt_db(hurt[0].lost_db)} dB.")
+        lines.append(f"Most SQNR lost at node `{hurt[0].node}` ({hurt[0].op_type}, output `{hurt[0].output}`): {_fmt_db(hurt[0].lost_db)} dB.")
+    own = report.worst(1, own=True)
+    if own:
+        lines.append(f"Worst own quantization: `{own[0].name}`, {_fmt_db(own[0].own_sqnr_db)} dB with {_pct(own[0].clipped)} of its values clipped by {_rng(own[0].range)}.")
     return lines
 
 
@@ -198,7 +201,7 @@ def markdown(report: QuantReport, plots: dict[str, str]) -> str:
     lines += ["| weight | used by | SQNR (dB) | clipped | per-channel |", "|---|---|---|---|---|"]
     for t in report.worst(kind="weight")[:TABLE_ROWS]:
         lines.append(f"| `{t.name}` | `{t.producer}` ({t.op_type}) | {_fmt_db(t.sqnr_db)} | {_pct(t.clipped)} | {'yes' if t.per_channel else 'no'} |")
-    lines += ["", "## Ranges by method for the worst tensors", ""]
+    lines += ["", "## Ranges by method, for the tensors whose own quantization is worst", ""]
     for i, (name, ranges) in enumerate(report.method_ranges.items(), 1):
         t = next(x for x in report.tensors if x.name == name)
         lines += [f"### {i}. `{name}` (used {_rng(t.range)}, SQNR {_fmt_db(t.sqnr_db)} dB, own {_fmt_db(t.own_sqnr_db)} dB)", ""]
@@ -255,7 +258,7 @@ def html_page(report: QuantReport, plots: dict[str, str]) -> str:
     parts.append("</table><h2>Weights, worst first</h2><table><tr><th>weight</th><th>used by</th><th>SQNR (dB)</th><th>clipped</th><th>per-channel</th></tr>")
     for t in report.worst(kind="weight"):
         parts.append("<tr>" + _cell(f"<code>{e(t.name)}</code>") + _cell(f"<code>{e(t.producer)}</code> ({e(t.op_type)})") + _cell(_fmt_db(t.sqnr_db), "num " + _band(t.sqnr_db)) + _cell(_pct(t.clipped), "num") + _cell("yes" if t.per_channel else "no") + "</tr>")
-    parts.append("</table><h2>Ranges by method for the worst tensors</h2>")
+    parts.append("</table><h2>Ranges by method, for the tensors whose own quantization is worst</h2>")
     for i, (name, ranges) in enumerate(report.method_ranges.items(), 1):
         t = next(x for x in report.tensors if x.name == name)
         parts.append(f"<h3>{i}. <code>{e(name)}</code> (used {_rng(t.range)}, SQNR {_fmt_db(t.sqnr_db)} dB)</h3>")

@@ -22,7 +22,7 @@ def register(sub) -> None:
     p.add_argument("int8_model", metavar="INT8.onnx", help="its quantized (QDQ) ONNX model")
     add_data_args(p)
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the report into (created if missing)")
-    p.add_argument("--top", type=_count, default=6, metavar="N", help="worst tensors to show histograms and per-method ranges for (default 6)")
+    p.add_argument("--top", type=_count, default=6, metavar="N", help="how many tensors (worst own quantization first) get a histogram and per-method ranges (default 6)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(run=run)
 
@@ -59,5 +59,16 @@ def _summary(report) -> list[str]:
         lines.append(f"  {t.sqnr_db:7.1f} dB  {t.name} ({t.op_type}), own {t.own_sqnr_db:.1f} dB, {t.clipped * 100:.2f} % clipped")
     hurt = [layer for layer in report.layers if layer.lost_db is not None and layer.lost_db > 0][:3]
     if hurt:
-        lines.append("most SQNR lost at: " + ", ".join(f"{layer.node} ({layer.op_type}, {layer.lost_db:.1f} dB)" for layer in hurt))
+        lines.append("most SQNR lost at: " + ", ".join(f"{layer.node} -> {layer.output} ({layer.op_type}, {layer.lost_db:.1f} dB)" for layer in hurt))
+    own = report.worst(1, own=True)
+    if own:
+        t = own[0]
+        lines.append(f"worst own quantization: {t.name} ({t.op_type}), {t.own_sqnr_db:.1f} dB, {t.clipped * 100:.2f} % clipped by range {_rng(t.range)}")
+        better = max(report.method_ranges.get(t.name, []), key=lambda m: m.sqnr_db, default=None)
+        if better is not None and better.sqnr_db > t.own_sqnr_db + 1:
+            lines.append(f"  {better.method} would choose {_rng(better.range)}: {better.sqnr_db:.1f} dB on this tensor")
     return lines
+
+
+def _rng(r) -> str:
+    return f"[{r[0]:.4g}, {r[1]:.4g}]"
