@@ -249,3 +249,14 @@ def test_python_api_matches_the_cli_recipe(tmp_path):
 
 def test_recipe_errors_are_torchq_errors():
     assert issubclass(RecipeError, ConfigError) and issubclass(RecipeError, TorchqError)
+
+
+def test_the_docs_list_every_key():
+    from torchq.recipes import CalibrationSection, EvaluationSection, ExportSection, ModelSection
+
+    text = (ROOT / "docs" / "INTERFACES.md").read_text()
+    keys = [f"`{n}`" for n in RecipeSpec.model_fields if n not in ("model", "calibration", "quantization", "export", "evaluation")] + ["`extends`"]
+    for section, cls in (("model", ModelSection), ("calibration", CalibrationSection), ("quantization", QuantizationSection), ("export", ExportSection), ("evaluation", EvaluationSection)):
+        keys += [f"`{section}.{f.alias or n}`" for n, f in cls.model_fields.items()]
+    missing = [k for k in keys if f"| {k} |" not in text]
+    assert not missing, f"docs/INTERFACES.md lacks rows for {missing}"
