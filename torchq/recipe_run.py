@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -53,6 +54,7 @@ class RecipeResult:
     report_paths: list[Path] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     quantized: list[str] = field(default_factory=list)  # activations with Q/DQ in the written model
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def metric_change(self) -> float | None:
@@ -72,6 +74,7 @@ class RecipeResult:
             f"quantized:    {len(self.quantized)} activations, {s['int8_nodes']} nodes in int8{left}",
             f"spec check:   {'all TFLite 8-bit rules hold' if not self.violations else f'{len(self.violations)} broken rules (see the report)'}",
         ]
+        lines += [f"warning:      {w}" for w in self.warnings]
         if self.float_metric is not None:
             lines.append(f"metric:       {self.metric}: float {self.float_metric:.4g}, INT8 {self.int8_metric:.4g} (change {self.metric_change:+.4g})")
         lines += [f"report:       {p}" for p in self.report_paths]
@@ -194,6 +197,27 @@ def write_float_model(model, args, kwargs, e, opset: int, path: Path) -> Path:
     return save_model(ir.serde.serialize_model(ir_model), path)
 
 
+def unmatched_patterns(recipe: Recipe, report: ExportReport, model) -> list[str]:
+    """Exclude and override patterns that matched no module computing a tensor of the model: they
+    changed nothing, which the user should hear about (e.g. the conv of a fused Conv-BN-ReLU,
+    whose output no longer exists; the ReLU computes the quantized tensor)."""
+    from .export import _module_of
+
+    # tensors that exist in the written model (quantized or not), not the ones fusion removed
+    tensors = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    tensors |= {o[: -len("_float")] for o in tensors if o.endswith("_float")}
+    modules = sorted({_module_of(keys[0]) for t, keys in report.keys_of_tensor.items() if t in tensors and keys} - {""})
+    q = recipe.spec.quantization
+    patterns = [(f"quantization.exclude.{i}", p) for i, p in enumerate(q.exclude)]
+    patterns += [(f"quantization.overrides.{i}", o.pattern) for i, o in enumerate(q.overrides)]
+    shown = ", ".join(modules[:12]) + (", ..." if len(modules) > 12 else "")
+    return [
+        f"{key} (pattern {pattern!r}) matched no module that computes a tensor of the model, so it changed nothing; modules that do: {shown}"
+        for key, pattern in patterns
+        if not any(fnmatch.fnmatchcase(m, pattern) for m in modules)
+    ]
+
+
 # ---- the job -----------------------------------------------------------------------------------
 
 
@@ -259,6 +283,7 @@ def run_recipe(recipe: Recipe, output=None, *, evaluate: bool = True, quiet: boo
         unprepare(model)
 
     result = RecipeResult(out, report, validate(qmodel), batches, seconds=seconds, quantized=quantized_activations(qmodel))
+    result.warnings = unmatched_patterns(recipe, report, qmodel)
     if evaluate and spec.evaluation is not None:
         t = time.perf_counter()
         ev = spec.evaluation
@@ -298,6 +323,7 @@ def job_report_dict(recipe: Recipe, r: RecipeResult) -> dict:
         if r.float_metric is None
         else {"name": r.metric, "float": r.float_metric, "int8": r.int8_metric, "change": r.metric_change, "higher_is_better": r.higher_is_better},
         "quantized_activations": r.quantized,
+        "warnings": r.warnings,
         "spec_check": [str(v) for v in r.violations],
         "quantization": r.export_report.to_dict(),
         "seconds": {k: round(v, 3) for k, v in r.seconds.items()},
@@ -329,6 +355,8 @@ def job_report_markdown(recipe: Recipe, r: RecipeResult) -> str:
         f"| INT8 model | `{r.onnx_path}` |",
         "",
     ]
+    if r.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in r.warnings] + [""]
     if r.float_metric is not None:
         lines += ["## Accuracy", "", f"| {r.metric} | float | INT8 | change |", "|---|---|---|---|", f"| | {r.float_metric:.4g} | {r.int8_metric:.4g} | {r.metric_change:+.4g} |", ""]
     lines += [

@@ -260,3 +260,15 @@ def test_the_docs_list_every_key():
         keys += [f"`{section}.{f.alias or n}`" for n, f in cls.model_fields.items()]
     missing = [k for k in keys if f"| {k} |" not in text]
     assert not missing, f"docs/INTERFACES.md lacks rows for {missing}"
+
+
+def test_a_pattern_that_changes_nothing_is_reported(tmp_path, monkeypatch):
+    # features.0 is the first conv: fused with its BatchNorm and ReLU, it computes no tensor of the
+    # model any more (the ReLU, features.2, does); an override for it would silently do nothing.
+    monkeypatch.chdir(tmp_path)
+    r = Recipe.load(RECIPES / "digits.yaml", overrides=["calibration.num_batches=1", "evaluation=null", "export.path=m.onnx", "quantization.overrides=[{pattern: features.0, method: min_max}, {pattern: 'features.[25]', method: min_max}]", "quantization.exclude=[head]"])
+    result = r.run(quiet=True)
+    assert len(result.warnings) == 1
+    assert result.warnings[0].startswith("quantization.overrides.0 (pattern 'features.0') matched no module") and "features.2" in result.warnings[0]
+    assert "warning:" in "\n".join(result.summary_lines())
+    assert json.loads(Path("m.report.json").read_text())["warnings"] == result.warnings
