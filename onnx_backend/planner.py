@@ -259,6 +259,7 @@ class Planner:
             self.plan.float_tensors[out.name] = "no calibration statistics for this tensor"
             return
         self.plan.absorbed[act.name] = x.producer().name
+        self.plan.activations.pop(x.name, None)  # the producer's output is now internal to it
         self.plan.activations[out.name] = p
 
     def _share_scale(self, node: ir.Node) -> None:
