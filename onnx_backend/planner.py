@@ -394,7 +394,7 @@ class Planner:
     def _report_unquantized(self) -> None:
         """List float activations next to int8 nodes that got no parameters."""
         for node in self.graph:
-            if not self.runs_int8(node):
+            if not self.runs_int8(node) or node.name in self.plan.absorbed:  # absorbed: leaves the graph
                 continue
             for i in spec.activation_input_indices(node.op_type, len(node.inputs)):
                 v = node.inputs[i]
