@@ -14,11 +14,12 @@ histogram's bins represented by their centres x_i and counts c_i:
                  default (clipping noise weighted as in AIMET's SQNR encoding analyzer, because
                  clipped errors are large and correlated). gamma = 1 would make it MSE.
 * entropy     -- argmin over candidate ranges of KL(P || Q): P is the histogram restricted to
-                 the range with the mass outside folded into the edge bins, Q is P merged into
-                 the number of quantization levels and spread back over P's non-empty bins
-                 (TensorRT's algorithm; the asymmetric variant searches both edges). As in
-                 TensorRT's calibrator, the bin holding 0 first takes its neighbour's count, so a
-                 post-ReLU spike at 0 does not drive the range down.
+                 the range with the mass outside folded into the edge bins, Q is the window's
+                 own mass merged into the number of quantization levels and spread back over
+                 P's non-empty bins (TensorRT's algorithm; the asymmetric variant searches both
+                 edges). The bin holding 0 takes its neighbour's count first (the ReLU spike);
+                 bins are split until the bulk spans >= 2 x levels bins; a tensor with fewer
+                 than 16 x 256 observed values uses the mse range (too sparse for KL).
 
 Candidate thresholds are the histogram's bin edges. Symmetric methods work on |x| (the
 histogram folded at 0) and return [-a, a]; a tensor that is never negative gets [0, a] with all
@@ -40,6 +41,9 @@ LEVELS = 256  # int8
 SYMMETRIC_LEVELS = 128  # magnitudes 0..127 of a symmetric int8 range
 MAX_GRID = 512  # candidates per edge for the O(1)-per-candidate 2-D searches
 MAX_GRID_ENTROPY = 64  # entropy costs O(levels) per candidate
+# Below this many values per quantization level a histogram is too sparse for KL to estimate a
+# distribution (it fits sampling noise); entropy then takes the mse range.
+MIN_ENTROPY_VALUES_PER_LEVEL = 16
 
 
 class Method(str, Enum):
@@ -68,10 +72,12 @@ def select_range(
     if lo == hi:  # all zeros
         return 0.0, 0.0
     never_negative = stats.min >= 0
+    if method is Method.ENTROPY and stats.count < MIN_ENTROPY_VALUES_PER_LEVEL * LEVELS:
+        method = Method.MSE
     if method is Method.MIN_MAX:
         chosen = _min_max(lo, hi, symmetric)
     elif symmetric or never_negative:
-        counts, width = stats.folded_abs() if not never_negative else _nonnegative_bins(stats)
+        counts, width = stats.folded_abs()
         levels = LEVELS if never_negative else SYMMETRIC_LEVELS
         a = _ONE_SIDED[method](counts, width, levels, percentile=percentile, gamma=sqnr_gamma)
         a = min(a, max(-lo, hi))
@@ -94,12 +100,6 @@ def _min_max(lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
         a = max(-lo, hi)
         return -a, a
     return lo, hi
-
-
-def _nonnegative_bins(stats: TensorStatistics) -> tuple[np.ndarray, float]:
-    """Histogram from bin 0 upwards (the tensor is never negative)."""
-    counts = stats.counts[max(0, -stats.offset) :]
-    return np.concatenate([np.zeros(max(0, stats.offset), dtype=np.int64), counts]), stats.bin_width
 
 
 # ---- one-sided searches: thresholds a = k * width on a histogram of magnitudes ----------------
@@ -152,26 +152,53 @@ def _sqnr_one_sided(counts: np.ndarray, width: float, levels: int, *, gamma: flo
 
 
 def _without_zero_spike(counts: np.ndarray, zero_bin: int) -> np.ndarray:
-    """The histogram with the bin holding 0 given its upper neighbour's count.
+    """The histogram with the count of the bin holding 0 replaced by its neighbour's.
 
-    Post-ReLU tensors put a large share of their mass exactly at 0. That spike is always
-    represented exactly, yet it dominates P and Q and makes KL(P || Q) nearly blind to clipping,
-    so the search settles on a far too small range (digits CNN: ReLU ranges cut to 1/8 of their
-    max, 99 % -> 59 % accuracy). TensorRT's calibrator (pytorch-quantization's
-    _compute_amax_entropy: `bins[0] = bins[1]`) neutralises it the same way.
+    After a ReLU half the values are exactly 0. Q spreads that spike over its whole group of
+    bins, so KL would favour windows so narrow that each group is one bin, clipping hard.
+    Flattening the spike (as NVIDIA's pytorch-quantization does) removes that bias; the exact
+    zeros are represented exactly by any range anyway.
     """
-    if 0 <= zero_bin < counts.size - 1:
-        counts = counts.copy()
-        counts[zero_bin] = counts[zero_bin + 1]
-    return counts
+    if not 0 <= zero_bin < counts.size - 1:
+        return counts
+    flat = counts.copy()
+    flat[zero_bin] = counts[zero_bin + 1]
+    return flat
+
+
+MAX_SUBDIVISION = 64
+
+
+def _subdivision(counts: np.ndarray, levels: int) -> int:
+    """Factor by which to split bins so the central 99.8 % of the mass spans >= 2 * levels bins.
+
+    The search needs windows of at least `levels` bins; without this, a tensor whose bulk is
+    narrower than that (a few large outliers widened the histogram) cannot be fitted, and
+    windows reaching into empty space would cost KL nothing.
+    """
+    cum = np.cumsum(counts, dtype=np.float64)
+    lo = int(np.searchsorted(cum, 0.001 * cum[-1]))
+    hi = int(np.searchsorted(cum, 0.999 * cum[-1]))
+    spread = max(hi - lo + 1, 1)
+    k = 1
+    while spread * k < 2 * levels and k < MAX_SUBDIVISION:
+        k *= 2
+    return k
+
+
+def _split_bins(counts: np.ndarray, k: int) -> np.ndarray:
+    return counts.astype(np.float64) if k == 1 else np.repeat(counts.astype(np.float64) / k, k)
 
 
 def _entropy_one_sided(counts: np.ndarray, width: float, levels: int, **_) -> float:
+    counts = _without_zero_spike(counts, 0)
+    k = _subdivision(counts, levels)
+    counts, width = _split_bins(counts, k), width / k
     n = counts.size
     if n <= levels:
         return n * width
-    counts = _without_zero_spike(counts, 0)
     ends = np.arange(levels, n + 1)  # window [0, end)
+    ends = ends[:: max(1, ends.size // 8192)]
     kl = _kl_windows(counts, np.zeros_like(ends), ends, levels)
     return int(ends[int(np.argmin(kl))]) * width
 
@@ -227,21 +254,24 @@ def _sqnr_two_sided(stats: TensorStatistics, *, gamma: float, **_) -> tuple[floa
 
 
 def _entropy_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:
-    counts, n = stats.counts, stats.counts.size
+    counts = _without_zero_spike(stats.counts, -stats.offset)
+    k = _subdivision(counts, LEVELS)
+    split = TensorStatistics(stats.max_bins * k, stats.min, stats.max, stats.count, stats.exponent, stats.offset * k, _split_bins(counts, k))
+    split_width = stats.bin_width / k
+    counts, n = split.counts, split.counts.size
     if n <= LEVELS:
         return stats.min, stats.max
-    counts = _without_zero_spike(counts, -stats.offset)
-    lo_idx, hi_idx = _two_sided_grid(stats, MAX_GRID_ENTROPY)
+    lo_idx, hi_idx = _two_sided_grid(split, MAX_GRID_ENTROPY)
     best = _best_window(counts, lo_idx, hi_idx)
     # Refine at full resolution around the coarse optimum.
     step_lo = max(1, int(np.max(np.diff(lo_idx), initial=1)))
     step_hi = max(1, int(np.max(np.diff(hi_idx), initial=1)))
-    zero = min(max(-stats.offset, 0), n)
+    zero = min(max(-split.offset, 0), n)
     lo_fine = np.arange(max(0, best[0] - step_lo), min(zero, best[0] + step_lo) + 1)
     hi_fine = np.arange(max(zero, best[1] - step_hi), min(n, best[1] + step_hi) + 1)
-    best = _best_window(counts, lo_fine, hi_fine, fallback=best)
-    edges = stats.edges()
-    return float(edges[best[0]]), float(edges[best[1]])
+    best = _best_window(counts, lo_fine[:: max(1, lo_fine.size // 64)], hi_fine[:: max(1, hi_fine.size // 64)], fallback=best)
+    first = split.offset * split_width
+    return first + best[0] * split_width, first + best[1] * split_width
 
 
 def _best_window(counts, lo_idx, hi_idx, fallback=None) -> tuple[int, int]:

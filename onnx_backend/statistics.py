@@ -144,13 +144,19 @@ class TensorStatistics:
         return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts.copy())
 
     def folded_abs(self) -> tuple[np.ndarray, float]:
-        """Histogram of |x| on bins [k w, (k+1) w), k >= 0: negative bin -1-k folds onto bin k."""
-        last = max(self.offset + self.counts.size - 1, -self.offset - 1, 0)
-        out = np.zeros(last + 1, dtype=np.int64)
-        index = np.arange(self.offset, self.offset + self.counts.size)
+        """Histogram of |x| on bins [k w, (k+1) w), k >= 0, covering [0, max |x|].
+
+        Coarsened first (exactly: bins are aligned at 0) so that [0, max |x|] fits `max_bins`
+        bins, however far from 0 the data lies; then negative bin -1-k folds onto bin k.
+        """
+        magnitude = max(abs(self.min), abs(self.max))
+        e = max(self.exponent, required_exponent(0.0, magnitude, self.max_bins))
+        counts, offset = coarsen(self.counts, self.offset, e - self.exponent)
+        index = np.arange(offset, offset + counts.size)
         folded = np.where(index >= 0, index, -index - 1)
-        np.add.at(out, folded, self.counts)
-        return out, self.bin_width
+        out = np.zeros(int(folded.max()) + 1, dtype=np.int64)
+        np.add.at(out, folded, counts)
+        return out, math.ldexp(1.0, e)
 
     def to_dict(self) -> dict:
         """Plain-JSON form; `counts` is stored sparsely as [first_nonzero, run...]."""

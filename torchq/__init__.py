@@ -11,8 +11,9 @@ from onnx_backend.errors import CalibrationError, ConfigError, InvalidModelError
 
 from .api import calibrate, quantize
 from .config import Override, QuantConfig
-from .export import ExportReport, export, export_with_report
+from .export import ExportReport, export, export_float, export_with_report
 from .prepare import is_prepared, prepare, unprepare
+from .recipes import Recipe
 
 __version__ = "0.1.0"
 
@@ -24,9 +25,11 @@ __all__ = [
     "OutputPathError",
     "Override",
     "QuantConfig",
+    "Recipe",
     "TorchqError",
     "calibrate",
     "export",
+    "export_float",
     "export_with_report",
     "is_prepared",
     "prepare",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import warnings
@@ -16,6 +17,7 @@ import torch
 from onnxscript.values import Opset
 
 from onnx_backend import markers
+from onnx_backend.calibrator import Ranges, save_ranges
 from onnx_backend.errors import CalibrationError, ConfigError, TorchqError
 from onnx_backend.model_io import save_model, write_text_atomic
 from onnx_backend.quantizer import QuantizationReport, quantize_with_report
@@ -122,6 +124,52 @@ def _quiet_exporter():
             lg.setLevel(lvl)
 
 
+class _KeywordAdapter(torch.nn.Module):
+    """forward(*inputs) -> model(*positional, **{name: input}) for the TorchScript exporter, whose
+    tracer cannot pass keyword arguments (a trailing dict arrives as one more positional input).
+    The wrapped model's own hooks still see the call exactly as in calibration."""
+
+    def __init__(self, model: torch.nn.Module, keywords: list[str]):
+        super().__init__()
+        self.model = model
+        self.keywords = keywords
+        self.train(model.training)
+
+    def forward(self, *inputs):
+        n = len(inputs) - len(self.keywords)
+        return self.model(*inputs[:n], **dict(zip(self.keywords, inputs[n:])))
+
+
+def _dynamic_shapes_for_kwargs(model, args: tuple, kwargs: Mapping, input_names, dynamic_axes: Mapping):
+    """dynamic_axes as torch.export dynamic_shapes keyed by forward's parameter names.
+
+    torch.onnx converts dynamic_axes to dynamic_shapes positionally, which fails for keyword
+    inputs ("TypeError: too many positional arguments"). With plain tensor arguments the i-th
+    tensor is the i-th ONNX input, so each named axis maps to its parameter; otherwise None
+    (leave the conversion to torch.onnx)."""
+    import inspect
+
+    from torch.export import Dim
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    names = list(input_names or [])
+    shapes, i = {}, 0
+    for pname, value in bound.arguments.items():
+        if isinstance(value, torch.Tensor):
+            onnx_name = names[i] if i < len(names) else pname
+            axes = dynamic_axes.get(onnx_name)
+            shapes[pname] = {int(a): Dim.AUTO for a in axes} if axes else None
+            i += 1
+        elif any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(value)):
+            return None
+        else:
+            shapes[pname] = None
+    return shapes
+
+
 def export_float_with_markers(
     model: torch.nn.Module,
     args: tuple,
@@ -129,9 +177,9 @@ def export_float_with_markers(
     *,
     dynamo: bool,
     opset: int,
-    input_names: Sequence[str] | None,
-    output_names: Sequence[str] | None,
-    dynamic_axes: Mapping | None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_axes: Mapping | None = None,
     dynamic_shapes=None,
 ) -> onnx.ModelProto:
     session, _ = session_of(model)
@@ -140,6 +188,8 @@ def export_float_with_markers(
     session.marker = _dynamo_marker if dynamo else _torchscript_marker
     try:
         with session.phase_as(Phase.EXPORT), torch.no_grad(), _quiet_exporter():
+            if dynamo and kwargs and dynamic_axes and dynamic_shapes is None:
+                dynamic_shapes = _dynamic_shapes_for_kwargs(model, args, kwargs, input_names, dynamic_axes)
             if dynamo:
                 program = torch.onnx.export(
                     model,
@@ -157,9 +207,11 @@ def export_float_with_markers(
                 )
                 return program.model_proto
             buffer = io.BytesIO()
-            export_args = args + (dict(kwargs),) if kwargs else args
+            traced, export_args = model, args
+            if kwargs:  # tracing passes inputs positionally only
+                traced, export_args = _KeywordAdapter(model, list(kwargs)), args + tuple(kwargs.values())
             torch.onnx.export(
-                model,
+                traced,
                 export_args,
                 buffer,
                 dynamo=False,
@@ -209,6 +261,58 @@ def choose_ranges(stats: Mapping[str, TensorStatistics], source: Mapping[str, st
     return ranges, float_tensors
 
 
+@dataclass
+class _Calibrated:
+    """The float export with markers stripped, and everything bound to its tensors."""
+
+    model: ir.Model
+    bindings: dict[str, list[str]]
+    ranges: dict[str, tuple[float, float]]
+    float_tensors: set[str]
+    mismatched: set[str]
+
+
+def _export_and_bind(model, example_inputs, kwargs, dynamo, export_options) -> _Calibrated:
+    session, config = session_of(model)
+    if session.batches == 0:
+        raise CalibrationError("export before any calibration batch: run the prepared model on calibration data first")
+    args = _as_args(example_inputs)
+    _check_example_inputs(model, session, args, kwargs)
+    session.mismatched.clear()
+    proto = export_float_with_markers(model, args, kwargs, dynamo=dynamo, opset=config.opset, **export_options)
+    ir_model = ir.serde.deserialize_model(proto)
+    bindings = markers.strip_markers(ir_model)
+    stats, source = statistics_by_tensor(bindings, session.observers, skip=session.mismatched)
+    ranges, float_tensors = choose_ranges(stats, source, config)
+    return _Calibrated(ir_model, bindings, ranges, float_tensors, set(session.mismatched))
+
+
+def export_float(
+    model: torch.nn.Module,
+    example_inputs,
+    path: str | os.PathLike | None = None,
+    *,
+    ranges_path: str | os.PathLike | None = None,
+    kwargs: Mapping | None = None,
+    dynamo: bool = True,
+    **export_options,
+) -> tuple[onnx.ModelProto, Ranges]:
+    """The float ONNX model and the calibrated ranges of its tensors, for the ONNX backend.
+
+    `torchq quantize-onnx FLOAT.onnx --ranges RANGES.json` (or onnx_backend.quantize) then gives
+    the same INT8 model as `torchq.export`. Both files are written atomically if paths are given.
+    """
+    _, config = session_of(model)
+    c = _export_and_bind(model, example_inputs, kwargs, dynamo, export_options)
+    proto = ir.serde.serialize_model(c.model)
+    ranges = Ranges(c.ranges, method=f"{config.method}_{'sym' if config.symmetric else 'asym'}", percentile=config.percentile)
+    if path is not None:
+        save_model(proto, path)
+    if ranges_path is not None:
+        save_ranges(ranges, ranges_path)
+    return proto, ranges
+
+
 def export_with_report(
     model: torch.nn.Module,
     example_inputs,
@@ -222,36 +326,25 @@ def export_with_report(
     dynamo: bool = True,
     report_path: str | os.PathLike | None = None,
 ) -> tuple[onnx.ModelProto, ExportReport]:
-    session, config = session_of(model)
-    if session.batches == 0:
-        raise CalibrationError("export before any calibration batch: run the prepared model on calibration data first")
-    args = _as_args(example_inputs)
-    _check_example_inputs(model, session, args, kwargs)
-    session.mismatched.clear()
-    proto = export_float_with_markers(
-        model, args, kwargs, dynamo=dynamo, opset=config.opset, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes
-    )
-    ir_model = ir.serde.deserialize_model(proto)
-    bindings = markers.strip_markers(ir_model)
-    stats, source = statistics_by_tensor(bindings, session.observers, skip=session.mismatched)
-    ranges, float_tensors = choose_ranges(stats, source, config)
+    _, config = session_of(model)
+    options = dict(input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes)
+    c = _export_and_bind(model, example_inputs, kwargs, dynamo, options)
     qmodel, backend_report = quantize_with_report(
-        ir.serde.serialize_model(ir_model),
-        ranges,
+        ir.serde.serialize_model(c.model),
+        c.ranges,
         per_channel=config.per_channel,
         target=config.target,
-        exclude_tensors=float_tensors,
+        exclude_tensors=c.float_tensors,
         opset=config.opset,
+        activation_dtype=config.activation_dtype,
     )
-    for tensor, keys in bindings.items():
-        if tensor in backend_report.float_tensors and any(k in session.mismatched for k in keys):
+    for tensor, keys in c.bindings.items():
+        if tensor in backend_report.float_tensors and any(k in c.mismatched for k in keys):
             backend_report.float_tensors[tensor] = f"calibration and export took different code paths at {keys[0]!r}; its statistics were not used"
-    report = ExportReport(backend_report, {t: list(k) for t, k in bindings.items()}, ranges, "dynamo" if dynamo else "torchscript")
+    report = ExportReport(backend_report, {t: list(k) for t, k in c.bindings.items()}, c.ranges, "dynamo" if dynamo else "torchscript")
     if path is not None:
         save_model(qmodel, path)
     if report_path is not None:
-        import json
-
         write_text_atomic(report_path, json.dumps(report.to_dict(), indent=1) + "\n")
     return qmodel, report
 
