@@ -61,6 +61,38 @@ tables above come from it):
 """
 
 
+ACCURACY_FINDINGS = """\
+## What loses accuracy, and why
+
+Diagnosed on this run's models (the tables above give the numbers):
+
+1. **Entropy on depthwise / ReLU6 networks.** On digits_mobilenet both entropy variants lose about
+   12 points. The first depthwise ReLU6 output (range [0, 6], half its values exactly 0) gets
+   [0, 1.05] and 8.6 % of its values clipped. NVIDIA's pytorch-quantization KL search run on the same
+   histogram (2048 bins, zero bin flattened, 256 levels) picks 1.03: this is the KL criterion itself,
+   not an implementation slip. (A real slip did exist: without flattening the spike at 0, KL cut
+   every post-ReLU range to about 1/8 of its maximum and the digits CNN fell from 99.3 % to 59 %;
+   fixed on this branch and, independently, on main.) min_max, percentile, mse and sqnr do not
+   have the problem; per-tensor method choice (issue 7) is the natural fix.
+2. **The sentence encoder with padded batches.** BERT's additive attention mask (-10000 on padding)
+   is added to the attention scores, so their calibrated range becomes about [-10006, 0]
+   (asymmetric) or ±10100 (symmetric): a step of ~40 where the real scores span about ±10. With only
+   the Softmax group quantized (its input Q/DQ and the spec's fixed 1/256 output) the embeddings'
+   cosine to float already falls to ~0.46, while fake-quantizing only the softmax output to 1/256 in
+   PyTorch keeps 0.99998: the damage is the mask-dominated input range. Every quantizer suffers
+   (onnxruntime and PT2E included). Keeping the mask out of the scores' statistics is issue 7's job.
+   Without padding (one sentence per batch) retrieval stays at 100 % but the best cosine to the float
+   embeddings is still only about 0.87 for torchq and PT2E alike (onnxruntime 0.85, and its Entropy
+   and Percentile calibrators crash on sentences of different lengths): the transformer itself needs
+   issue 7's techniques (not diagnosed further here).
+3. **SiLU / squeeze-excitation with random weights.** On EfficientNet-B0 and V2-S onnxruntime's
+   quantizer reaches a higher output SQNR than torchq. Its models break the fixed-output rule on
+   every Sigmoid (see the validator table): they give the gate a calibrated, finer scale, where the
+   TFLite spec fixes 1/256 for Sigmoid outputs. That is the likely cause (SE gates sit in a narrow
+   band around 0.5); it is the price of the spec, and worth a per-target switch if the NPU allows.
+"""
+
+
 ENTRY_POINTS = """\
 ## The models, for recipes and for reuse
 
@@ -157,8 +189,9 @@ def assemble(texts: dict[str, str], figures: dict[str, Path], *, command: str, m
             else []
         ),
         "",
-        "Everything below is measured by the scripts in `bench/`; nothing is typed in by hand except the explanation in",
-        "[Why INT8 is slow in onnxruntime on x86](#why-int8-is-slow-in-onnxruntime-on-x86), whose numbers come from these tables.",
+        "Everything below is measured by the scripts in `bench/`; nothing is typed in by hand except the two explanations at the end",
+        "([why INT8 is slow in onnxruntime on x86](#why-int8-is-slow-in-onnxruntime-on-x86), [what loses accuracy](#what-loses-accuracy-and-why)),",
+        "whose numbers come from these tables and from the diagnostics they describe.",
         "",
     ]
     if results:
@@ -174,5 +207,5 @@ def assemble(texts: dict[str, str], figures: dict[str, Path], *, command: str, m
         if key == "onnx" and "memory" in figures:
             lines += [f"![Calibration memory, 64 vs 1024 samples](bench/{figures['memory'].name})", ""]
         lines += [texts[key], ""]
-    lines += [WHY_SLOW, ENTRY_POINTS]
+    lines += [WHY_SLOW, ACCURACY_FINDINGS, ENTRY_POINTS]
     return "\n".join(lines)
