@@ -66,7 +66,7 @@ def latency_bars(acc_rows, seed_rows, path: Path) -> Path | None:
     ax.axhline(1.0, color="k", lw=0.8)
     ax.axhline(0.7, color="r", ls="--", lw=0.8, label="target 0.7")
     ax.set_xticks(x, names, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("INT8 ÷ float latency, onnxruntime, batch 1, 1 thread")
+    ax.set_ylabel("INT8 ÷ float latency\n(onnxruntime, batch 1, 1 thread)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
