@@ -7,14 +7,13 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
-BENCH_STAMP := $(VENV)/.bench-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: demo test bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -24,17 +23,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
-$(BENCH_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
-	rm -f $(VENV)/.bench-*
-	touch $@
-
 # Regenerates docs/BENCHMARKS.md and docs/bench/ (about 30 minutes; trained weights cached in bench/.cache)
-bench: $(BENCH_STAMP)
+bench: $(STAMP)
 	$(PY) -m bench.run
 
 # Tiny settings, a minute or two; writes out/bench-quick/
-bench-quick: $(BENCH_STAMP)
+bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick
 
 clean:

@@ -41,6 +41,17 @@ class Settings:
         return cls()
 
 
+def for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
+    """torchq's INT8 model as deployed on onnxruntime x86: activations stored as uint8 (the same
+    grid; `QuantConfig(activation_dtype="uint8")` writes the identical model)."""
+    from onnx_backend import ModelEditor, TensorType
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    ModelEditor(out).convert_activation_dtype(TensorType.UINT8)
+    return out
+
+
 def model_bytes(model: onnx.ModelProto | bytes | str | Path) -> bytes | str:
     if isinstance(model, onnx.ModelProto):
         return model.SerializeToString()
