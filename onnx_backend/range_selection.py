@@ -40,7 +40,6 @@ DEFAULT_SQNR_GAMMA = 3.0
 LEVELS = 256  # int8
 SYMMETRIC_LEVELS = 128  # magnitudes 0..127 of a symmetric int8 range
 MAX_GRID = 512  # candidates per edge for the O(1)-per-candidate 2-D searches
-MAX_GRID_ENTROPY = 64  # entropy costs O(levels) per candidate
 # Below this many values per quantization level a histogram is too sparse for KL to estimate a
 # distribution (it fits sampling noise); entropy then takes the mse range.
 MIN_ENTROPY_VALUES_PER_LEVEL = 16
@@ -197,10 +196,15 @@ def _entropy_one_sided(counts: np.ndarray, width: float, levels: int, **_) -> fl
     n = counts.size
     if n <= levels:
         return n * width
-    ends = np.arange(levels, n + 1)  # window [0, end)
-    ends = ends[:: max(1, ends.size // 8192)]
-    kl = _kl_windows(counts, np.zeros_like(ends), ends, levels)
-    return int(ends[int(np.argmin(kl))]) * width
+    a, b = levels, n  # windows [0, end), coarse to fine as in _zoom_search
+    while True:
+        ends = np.unique(np.linspace(a, b, min(b - a + 1, 64 * ZOOM_GRID)).round().astype(np.int64))
+        kl = _kl_windows(counts, np.zeros_like(ends), ends, levels)
+        best = int(ends[int(np.argmin(kl))])
+        step = int(np.max(np.diff(ends), initial=1))
+        if step <= 1:
+            return best * width
+        a, b = max(levels, best - step), min(n, best + step)
 
 
 # ---- two-sided searches over (lo edge, hi edge) --------------------------------------------------
@@ -261,17 +265,31 @@ def _entropy_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:
     counts, n = split.counts, split.counts.size
     if n <= LEVELS:
         return stats.min, stats.max
-    lo_idx, hi_idx = _two_sided_grid(split, MAX_GRID_ENTROPY)
-    best = _best_window(counts, lo_idx, hi_idx)
-    # Refine at full resolution around the coarse optimum.
-    step_lo = max(1, int(np.max(np.diff(lo_idx), initial=1)))
-    step_hi = max(1, int(np.max(np.diff(hi_idx), initial=1)))
     zero = min(max(-split.offset, 0), n)
-    lo_fine = np.arange(max(0, best[0] - step_lo), min(zero, best[0] + step_lo) + 1)
-    hi_fine = np.arange(max(zero, best[1] - step_hi), min(n, best[1] + step_hi) + 1)
-    best = _best_window(counts, lo_fine[:: max(1, lo_fine.size // 64)], hi_fine[:: max(1, hi_fine.size // 64)], fallback=best)
+    best = _zoom_search(counts, (0, zero), (zero, n))
     first = split.offset * split_width
     return first + best[0] * split_width, first + best[1] * split_width
+
+
+ZOOM_GRID = 32  # candidates per edge and round of the coarse-to-fine entropy search
+
+
+def _zoom_search(counts: np.ndarray, lo_span: tuple[int, int], hi_span: tuple[int, int]) -> tuple[int, int]:
+    """Coarse-to-fine search of the window [lo, hi) minimising KL: a ZOOM_GRID x ZOOM_GRID grid of
+    edges, then the same grid again around the best, two grid steps wide, until steps are one bin.
+    Costs O(rounds * ZOOM_GRID^2 * levels) instead of O(bins^2 * levels)."""
+    (lo_a, lo_b), (hi_a, hi_b) = lo_span, hi_span
+    best = None
+    while True:
+        lo_idx = np.unique(np.linspace(lo_a, lo_b, min(lo_b - lo_a + 1, ZOOM_GRID)).round().astype(np.int64))
+        hi_idx = np.unique(np.linspace(hi_a, hi_b, min(hi_b - hi_a + 1, ZOOM_GRID)).round().astype(np.int64))
+        best = _best_window(counts, lo_idx, hi_idx, fallback=best)
+        step_lo = int(np.max(np.diff(lo_idx), initial=1))
+        step_hi = int(np.max(np.diff(hi_idx), initial=1))
+        if step_lo <= 1 and step_hi <= 1:
+            return best
+        lo_a, lo_b = max(lo_span[0], best[0] - step_lo), min(lo_span[1], best[0] + step_lo)
+        hi_a, hi_b = max(hi_span[0], best[1] - step_hi), min(hi_span[1], best[1] + step_hi)
 
 
 def _best_window(counts, lo_idx, hi_idx, fallback=None) -> tuple[int, int]:

@@ -66,13 +66,17 @@ def realign(counts: np.ndarray, offset: int, new_offset: int, length: int) -> np
     return out
 
 
-def bin_batch(x: np.ndarray, exponent: int) -> tuple[np.ndarray, int]:
-    """Counts of x in bins of width 2**exponent, and the index of the first bin."""
+def bin_batch(x: np.ndarray, exponent: int, lo: float | None = None) -> tuple[np.ndarray, int]:
+    """Counts of x in bins of width 2**exponent, and the index of the first bin (lo: x's minimum)."""
     # Scaling by a power of two is exact in float32 and float64, so floor() gives the same bin
     # indices here and in the torch observer.
-    index = np.floor(x * x.dtype.type(math.ldexp(1.0, -exponent))).astype(np.int64)
-    first = int(index.min())
-    return np.bincount(index - first), first
+    scaled = x * x.dtype.type(math.ldexp(1.0, -exponent))
+    np.floor(scaled, out=scaled)
+    first = math.floor((float(x.min()) if lo is None else lo) * math.ldexp(1.0, -exponent))
+    # floor(x * w) - first is exact in float: either every value is small, or all lie within a
+    # factor of two of `first` (Sterbenz) -- so the one integer conversion happens last.
+    scaled -= scaled.dtype.type(first)
+    return np.bincount(scaled.astype(np.intp)), first
 
 
 @dataclass
@@ -120,7 +124,7 @@ class TensorStatistics:
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise NonFiniteError("NaN or Inf in calibration data")
         e = required_exponent(min(lo, self.min), max(hi, self.max), self.max_bins)
-        counts, first = bin_batch(x, e)
+        counts, first = bin_batch(x, e, lo)
         self.add_counts(lo, hi, x.size, counts, first, e)
 
     def add_counts(self, lo: float, hi: float, n: int, counts: np.ndarray, first: int, exponent: int) -> None:
