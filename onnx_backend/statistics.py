@@ -31,9 +31,17 @@ class NonFiniteError(ValueError):
     """Calibration data holds NaN or Inf."""
 
 
+def bin_of(v: float, exponent: int) -> int:
+    """Index of the bin holding `v`: floor(v / 2**exponent).
+
+    A negative value so small that v / 2**exponent underflows to -0.0 still lies in bin -1.
+    """
+    k = math.floor(math.ldexp(v, -exponent))
+    return -1 if k == 0 and v < 0 else k
+
+
 def _spans(lo: float, hi: float, e: int) -> int:
-    w = math.ldexp(1.0, -e)
-    return math.floor(hi * w) - math.floor(lo * w) + 1
+    return bin_of(hi, e) - bin_of(lo, e) + 1
 
 
 def required_exponent(lo: float, hi: float, max_bins: int) -> int:
@@ -68,9 +76,12 @@ def realign(counts: np.ndarray, offset: int, new_offset: int, length: int) -> np
 
 def bin_batch(x: np.ndarray, exponent: int) -> tuple[np.ndarray, int]:
     """Counts of x in bins of width 2**exponent, and the index of the first bin."""
-    # Scaling by a power of two is exact in float32 and float64, so floor() gives the same bin
-    # indices here and in the torch observer.
-    index = np.floor(x * x.dtype.type(math.ldexp(1.0, -exponent))).astype(np.int64)
+    # Scaling by a power of two is exact in float32 and float64 (unless it underflows), so floor()
+    # gives the same bin indices here and in the torch observer.
+    scaled = x * x.dtype.type(math.ldexp(1.0, -exponent))
+    index = np.floor(scaled).astype(np.int64)
+    if exponent > 0:  # only then can a nonzero x * 2**-e underflow to -0.0: see bin_of
+        index[(scaled == 0) & (x < 0)] = -1
     first = int(index.min())
     return np.bincount(index - first), first
 
@@ -102,8 +113,7 @@ class TensorStatistics:
     def _widen_to(self, lo: float, hi: float) -> None:
         """Coarsen and extend the bins so that [lo, hi] fits (lo <= self.min, hi >= self.max)."""
         e = required_exponent(lo, hi, self.max_bins)
-        w = math.ldexp(1.0, -e)
-        first, last = math.floor(lo * w), math.floor(hi * w)
+        first, last = bin_of(lo, e), bin_of(hi, e)
         if self.empty:
             self.exponent, self.offset, self.counts = e, first, np.zeros(last - first + 1, dtype=np.int64)
             return

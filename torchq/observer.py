@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from onnx_backend.statistics import NonFiniteError, TensorStatistics, required_exponent
+from onnx_backend.statistics import NonFiniteError, TensorStatistics, bin_of, required_exponent
 
 
 class Observer:
@@ -47,10 +47,15 @@ class Observer:
             raise NonFiniteError(self.key)
         new_lo, new_hi = min(lo, self.min), max(hi, self.max)
         e = required_exponent(new_lo, new_hi, self.max_bins)
-        w = math.ldexp(1.0, -e)
-        first, last = math.floor(new_lo * w), math.floor(new_hi * w)
-        # Scaling by a power of two is exact, so these are the numpy path's bin indices.
-        index = torch.floor(x.reshape(-1) * w).to(torch.int64) - first
+        first, last = bin_of(new_lo, e), bin_of(new_hi, e)
+        # Scaling by a power of two is exact (unless it underflows), so these are the numpy
+        # path's bin indices (onnx_backend.statistics.bin_batch, with the same underflow fix).
+        flat = x.reshape(-1)
+        scaled = flat * math.ldexp(1.0, -e)
+        index = torch.floor(scaled).to(torch.int64)
+        if e > 0:
+            index = torch.where((scaled == 0) & (flat < 0), -1, index)
+        index = index - first
         batch = torch.bincount(index, minlength=last - first + 1)
         counts = batch if self.counts is None else batch + self._rebinned(e, first, last - first + 1, x.device)
         # commit all at once, so an interrupted update leaves the previous state intact
