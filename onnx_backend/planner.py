@@ -337,10 +337,15 @@ class Planner:
         if bias is not None:
             per_out = qmath.min_weight_scale_for_bias(bias, in_scale)
             min_scale = self._bias_to_weight_channels(per_out, node, w, axis)
-        wp = qmath.weight_params(w, axis, min_scale=min_scale)
+        try:
+            wp = qmath.weight_params(w, axis, min_scale=min_scale)
+            bp = self._bias_params(in_scale, wp, node, w, bias.shape[0]) if bias is not None else None
+        except qmath.ScaleOverflowError as exc:
+            self.plan.float_nodes[node.name] = f"kept in float: {exc}"
+            self.int8[id(node)] = False
+            return
         self.plan.constants.append(ConstantQuant(node.name, rule.weight_input, wp, "weight"))
         if bias is not None:
-            bp = self._bias_params(in_scale, wp, node, w, bias.shape[0])
             self.plan.constants.append(ConstantQuant(bias_at[0].name, bias_at[1], bp, "bias"))
             if bias_at[0] is not node:  # MatMul + Add: the MatMul output is the accumulator
                 self.plan.activations.pop(node.outputs[0].name, None)

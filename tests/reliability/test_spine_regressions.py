@@ -6,10 +6,17 @@ Each test names the bug it pins; docs/RELIABILITY.md lists them.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
+from onnx_backend import assert_valid, quantize_with_report
+from onnx_backend import qmath
 from onnx_backend.statistics import TensorStatistics
+from tests.conftest import run_onnx
 from torchq.observer import Observer
+
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 def test_negative_value_whose_scaled_bin_underflows_lands_in_bin_minus_one():
@@ -28,3 +35,46 @@ def test_negative_value_whose_scaled_bin_underflows_lands_in_bin_minus_one():
     halves.update(x[1:])
     halves.update(x[:1])
     assert halves.to_dict() == s.to_dict()
+
+
+def test_range_reaching_float32_max_dequantizes_to_finite_values():
+    # Bug: the float32 scale of [-max, max] rounded so that code -128 dequantized to -inf.
+    for lo, hi, sym in ((-F32_MAX, F32_MAX, False), (-F32_MAX, F32_MAX, True), (0.0, F32_MAX, False)):
+        p = qmath.activation_params(lo, hi, symmetric=sym)
+        assert np.all(np.isfinite(qmath.dequantize(np.arange(-128, 128, dtype=np.int8), p)))
+    w = qmath.weight_params(np.array([[F32_MAX, -F32_MAX]], np.float32), 0)
+    assert np.all(np.isfinite(qmath.dequantize(np.array([[127, -127]], np.int8), w)))
+
+
+def _conv(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    c = weight.shape[0]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, weight.shape[1], 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_bias_scale_is_exactly_input_times_weight_even_below_min_scale():
+    # Bug: bias_params clamped input scale x weight scale up to 2**-63, so tiny (but normal)
+    # products broke the spec rule and the validator flagged our own output.
+    model = _conv(np.full((2, 1, 1, 1), 1e-8, np.float32), np.array([1e-18, -1e-18], np.float32))
+    q, report = quantize_with_report(model, {"x": (0.0, 1e-10), "y": (-1e-17, 1e-17)}, optimize=False)
+    assert "conv" not in report.float_nodes
+    assert_valid(q)
+
+
+def test_bias_too_large_for_its_input_scale_keeps_the_layer_float():
+    # Bug: no float32 weight scale can keep this bias inside int32 at this input scale; the
+    # planner crashed with "scales must be positive and finite" (CLI exit 1). Now the layer
+    # stays float and the report says why.
+    model = _conv(np.ones((1, 1, 1, 1), np.float32), np.array([3e38], np.float32))
+    q, report = quantize_with_report(model, {"x": (0.0, 1e-30), "y": (0.0, 3.4e38)}, optimize=False)
+    assert "int32 bias" in report.float_nodes["conv"]
+    assert_valid(q)
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    (y,) = run_onnx(q, {"x": x})
+    assert np.all(np.isfinite(y))
