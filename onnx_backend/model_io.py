@@ -9,12 +9,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import onnx
-from onnx import version_converter
+from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from .errors import InvalidModelError, OutputPathError
 
@@ -85,12 +86,22 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
 def _check_structure(proto: onnx.ModelProto, where: str) -> None:
     """Catch what would otherwise surface as a crash deep inside a pass."""
     graph = proto.graph
+    _check_opset(proto, where)
+    _check_initializers(graph, where)
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     produced: dict[str, str] = {}
     for node in graph.node:
         for out in node.output:
-            if out:
-                produced[out] = node.name or node.op_type
+            if not out:
+                continue
+            if out in produced or out in known:
+                raise InvalidModelError(f"{where}: tensor {out!r} is written by more than one node (or is also an input/initializer), by {node.name or node.op_type!r}")
+            produced[out] = node.name or node.op_type
+    if not graph.output:
+        raise InvalidModelError(f"{where}: the graph has no outputs")
+    for out in graph.output:
+        if out.name not in produced and out.name not in known:
+            raise InvalidModelError(f"{where}: graph output {out.name!r} is not produced by any node")
     missing = []
     for node in graph.node:
         for name in node.input:
@@ -104,6 +115,51 @@ def _check_structure(proto: onnx.ModelProto, where: str) -> None:
         for d in dim_owner.type.tensor_type.shape.dim:
             if d.HasField("dim_value") and d.dim_value > 2**40:
                 raise InvalidModelError(f"{where}: {dim_owner.name!r} declares an enormous dimension ({d.dim_value})")
+
+
+def _check_opset(proto: onnx.ModelProto, where: str) -> None:
+    version, newest = default_opset(proto), onnx.defs.onnx_opset_version()
+    if version > newest:
+        raise InvalidModelError(f"{where}: opset {version} is newer than the newest this onnx knows ({newest})")
+
+
+# Sub-byte element types are packed; their sizes are left to onnx's own decoder.
+_PACKED = {getattr(TensorProto, n) for n in ("UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2", "FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, n)}
+
+
+def _check_initializers(graph: onnx.GraphProto, where: str) -> None:
+    """Every stored tensor holds exactly the data its type and dims declare.
+
+    A lying initializer (dims of 2**80, raw bytes cut short, a type that does not match the
+    bytes) otherwise crashes numpy deep inside the planner or the validator.
+    """
+    for t in graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            continue  # sized by onnx when the external data is read
+        if any(d < 0 for d in t.dims):
+            raise InvalidModelError(f"{where}: initializer {t.name!r} has a negative dimension {list(t.dims)}")
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            field = helper.tensor_dtype_to_field(t.data_type)
+        except Exception:
+            raise InvalidModelError(f"{where}: initializer {t.name!r} has unknown element type {t.data_type}") from None
+        n = math.prod(t.dims)
+        if t.data_type in _PACKED:
+            try:
+                numpy_helper.to_array(t)
+            except Exception as exc:
+                raise InvalidModelError(f"{where}: initializer {t.name!r} is corrupt: {exc}") from None
+            continue
+        if t.data_type == TensorProto.STRING:
+            have, want, unit = len(t.string_data), n, "strings"
+        elif t.HasField("raw_data"):
+            have, want, unit = len(t.raw_data), n * itemsize, "bytes"
+        else:
+            per = 2 if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) else 1
+            have, want, unit = len(getattr(t, field)), n * per, "values"
+        if have != want:
+            kind = TensorProto.DataType.Name(t.data_type).lower()
+            raise InvalidModelError(f"{where}: initializer {t.name!r} declares {kind} of shape {list(t.dims)} ({want} {unit}) but holds {have}")
 
 
 def _check_acyclic(graph: onnx.GraphProto, where: str) -> None:

@@ -102,8 +102,20 @@ def quantize_with_report(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
+        _check_input(model, opset)
         raise InvalidModelError(f"internal error: the quantized model does not pass onnx.checker: {exc}") from exc
     return proto, QuantizationReport(plan, dict(plan.float_tensors), dict(plan.float_nodes))
+
+
+def _check_input(model, opset: int | None) -> None:
+    """Blame the input when it is itself invalid ONNX (only run when the output fails the check,
+    so valid models pay nothing for it)."""
+    proto = upgrade_opset(load_model(model), max(MIN_OPSET, opset or 0))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise InvalidModelError(f"the model is not valid ONNX: {first}") from None
 
 
 def quantize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -78,3 +79,42 @@ def test_bias_too_large_for_its_input_scale_keeps_the_layer_float():
     x = np.zeros((1, 1, 4, 4), np.float32)
     (y,) = run_onnx(q, {"x": x})
     assert np.all(np.isfinite(y))
+
+
+# ---- load checks (onnx_backend/model_io.py) -----------------------------------------------------
+
+
+def _base():
+    from tests.reliability import hostile
+
+    return hostile
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("weight_dtype_lies", r"initializer 'w1' declares double"),  # crashed numpy in the planner/validator (exit 1)
+        ("weight_bytes_short", r"initializer 'w2' declares float"),
+        ("enormous_initializer_dims", r"initializer 'wf' declares float of shape \[1099511627776"),
+        ("future_opset", r"opset 999 is newer"),  # quantized with exit 0 into a model nothing can load
+        ("duplicate_output_name", r"tensor 'r1' is written by more than one node"),
+        ("empty_graph", r"graph output 'y' is not produced by any node"),  # onnx printed to stderr first
+        ("no_outputs", r"the graph has no outputs"),  # exit 0 with a model onnxruntime cannot load
+    ],
+)
+def test_load_model_refuses_lying_models(name, message):
+    from onnx_backend import InvalidModelError, load_model
+
+    with pytest.raises(InvalidModelError, match=message):
+        load_model(_base().HOSTILE_MODELS[name]())
+
+
+@pytest.mark.parametrize("name", ["int_weights", "string_input", "unknown_op", "bad_attribute"])
+def test_invalid_input_is_blamed_not_reported_as_internal_error(name):
+    # Bug: the checker failure on the *output* was reported as "internal error: the quantized
+    # model does not pass onnx.checker" although the input was the invalid one.
+    from onnx_backend import InvalidModelError, quantize
+
+    with pytest.raises(InvalidModelError, match=r"^the model is not valid ONNX: ") as info:
+        quantize(_base().HOSTILE_MODELS[name](), {k: tuple(v) for k, v in _base().base_ranges().items()})
+    assert "internal error" not in str(info.value) and "\n" not in str(info.value)
