@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
@@ -96,14 +97,31 @@ def save_ranges(ranges: Mapping[str, tuple[float, float]], path: str | os.PathLi
     return model_io.write_text_atomic(path, text)
 
 
+def _parse_ranges_text(path: Path):
+    """JSON with the json module; YAML with libyaml's safe loader when built in (pure-Python
+    PyYAML takes seconds per MB), else yaml.SafeLoader. Never a loader that builds objects."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return json.loads(text)
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 -- a safe loader
+
+
 def load_ranges(path: str | os.PathLike) -> Ranges:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such ranges file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+        data = _parse_ranges_text(path)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid JSON/YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid JSON/YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (JSON or YAML expected)") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a ranges file") from None
     if not isinstance(data, dict) or data.get("format") != RANGES_FORMAT:
         raise ConfigError(f"{path}: not a torchq ranges file (expected format: {RANGES_FORMAT})")
     if data.get("version") != RANGES_VERSION:
@@ -113,10 +131,16 @@ def load_ranges(path: str | os.PathLike) -> Ranges:
         raise ConfigError(f"{path}: 'ranges' must be a mapping of tensor name to [min, max]")
     out = {}
     for name, pair in raw.items():
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, (int, float)) for x in pair)) or pair[0] > pair[1]:
-            raise ConfigError(f"{path}: range of tensor {name!r} must be [min, max] with min <= max, got {pair!r}")
+        if not (isinstance(pair, list) and len(pair) == 2 and all(_is_float32(x) for x in pair)) or pair[0] > pair[1]:
+            shown = reprlib.repr(pair)  # bounded: a hostile file may nest millions of values here
+            raise ConfigError(f"{path}: range of tensor {name!r} must be [min, max] of finite float32 numbers with min <= max, got {shown}")
         out[name] = (float(pair[0]), float(pair[1]))
     return Ranges(out, method=str(data.get("method", "unknown")), percentile=data.get("percentile"))
+
+
+def _is_float32(x) -> bool:
+    """A number (not a bool) that is finite and within float32 range."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and abs(float(x)) <= float(np.finfo(np.float32).max)
 
 
 def get_pure_input_names(model: onnx.ModelProto) -> list[str]:
@@ -194,7 +218,7 @@ class Calibrator:
         options = ort.SessionOptions()
         # Basic optimizations only: they never remove a tensor that is a graph output.
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # errors reach the user as one CalibrationError line, not as a log
         try:
             session = ort.InferenceSession(exposed.SerializeToString(), options, providers=list(providers))
         except Exception as exc:

@@ -118,3 +118,57 @@ def test_invalid_input_is_blamed_not_reported_as_internal_error(name):
     with pytest.raises(InvalidModelError, match=r"^the model is not valid ONNX: ") as info:
         quantize(_base().HOSTILE_MODELS[name](), {k: tuple(v) for k, v in _base().base_ranges().items()})
     assert "internal error" not in str(info.value) and "\n" not in str(info.value)
+
+
+# ---- ranges files (onnx_backend/calibrator.py) --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("suffix", "text"),
+    [
+        (".yaml", "format: torchq-ranges\nversion: 1\nranges:\n  x: [.nan, 1.0]\n"),  # ValueError deep in qmath (exit 1)
+        (".yaml", "format: torchq-ranges\nversion: 1\nranges:\n  x: [-.inf, 1.0]\n"),
+        (".yaml", "format: torchq-ranges\nversion: 1\nranges:\n  x: [-1.0e+300, 1.0e+300]\n"),
+        (".json", '{"format": "torchq-ranges", "version": 1, "ranges": {"x": [NaN, 1]}}'),
+        (".json", '{"format": "torchq-ranges", "version": 1, "ranges": {"x": [false, true]}}'),
+    ],
+)
+def test_ranges_must_be_finite_float32_numbers(tmp_path, suffix, text):
+    from onnx_backend import ConfigError, load_ranges
+
+    path = tmp_path / f"r{suffix}"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"tensor 'x' must be \[min, max\] of finite float32 numbers"):
+        load_ranges(path)
+
+
+def test_deeply_nested_or_billion_laughs_ranges_are_quick_clear_errors(tmp_path):
+    import time
+
+    from onnx_backend import ConfigError, load_ranges
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)  # RecursionError (exit 1) before
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_ranges(deep)
+    laughs = tmp_path / "laughs.yaml"
+    laughs.write_text(
+        "format: torchq-ranges\nversion: 1\na: &a [1,1,1,1,1,1,1,1,1]\n"
+        + "".join(f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefg", "bcdefgh"))
+        + "ranges: {x: *h}\n"
+    )
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="tensor 'x' must be"):
+        load_ranges(laughs)  # the error message repr'd 43 million values (26 s) before
+    assert time.perf_counter() - start < 5
+
+
+def test_onnxruntime_errors_are_not_logged_to_stderr(capfd):
+    # Bug: onnxruntime logged its own error line to fd 2 before torchq's one-line error.
+    from onnx_backend import CalibrationError, Calibrator
+
+    model = _base().HOSTILE_MODELS["wrong_kernel_shape"]()
+    calibrator = Calibrator(model, quiet=True)
+    with pytest.raises(CalibrationError, match="onnxruntime failed on calibration sample 0"):
+        calibrator.collect_data([[np.zeros((1, 3, 8, 8), np.float32)]])
+    assert capfd.readouterr().err == ""
