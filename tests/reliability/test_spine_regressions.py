@@ -172,3 +172,30 @@ def test_onnxruntime_errors_are_not_logged_to_stderr(capfd):
     with pytest.raises(CalibrationError, match="onnxruntime failed on calibration sample 0"):
         calibrator.collect_data([[np.zeros((1, 3, 8, 8), np.float32)]])
     assert capfd.readouterr().err == ""
+
+
+# ---- calibration data files (torchq/commands/_common.py) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"PK\x03\x04 truncated", r"not a readable \.npz file"),  # zipfile.BadZipFile (exit 1) before
+        ("scalar", r"samples along axis 0"),  # TypeError: len() of unsized object (exit 1) before
+        ("npy", r"one array, not an \.npz archive"),  # TypeError from `with ndarray` (exit 1) before
+    ],
+)
+def test_unreadable_calibration_files_are_clear_errors(tmp_path, content, message):
+    from onnx_backend import CalibrationError
+    from torchq.commands._common import iter_samples
+
+    path = tmp_path / "cal.npz"
+    if content == "scalar":
+        np.savez(path, x=np.float32(1))
+    elif content == "npy":
+        np.save(tmp_path / "a.npy", np.zeros((2, 3), np.float32))
+        (tmp_path / "a.npy").rename(path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(CalibrationError, match=message):
+        list(iter_samples(str(path), ["x"]))
