@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The error on one line: several problems (e.g. recipe keys) are joined with '; '."""
+    return "; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except TorchqError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"torchq {args.command}: error: {exc}", file=sys.stderr)
+        print(f"torchq {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"torchq {args.command}: interrupted; nothing was written", file=sys.stderr)

@@ -199,3 +199,9 @@ def test_unreadable_calibration_files_are_clear_errors(tmp_path, content, messag
         path.write_bytes(content)
     with pytest.raises(CalibrationError, match=message):
         list(iter_samples(str(path), ["x"]))
+
+
+def test_cli_prints_a_multi_line_error_on_one_line():
+    from torchq.cli import one_line
+
+    assert one_line(ValueError("first\n\n  second  \nthird")) == "first; second; third"
