@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
 import math
 import os
 import shutil
@@ -51,6 +52,7 @@ def load_model(model: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.Model
         proto = _parse(path.read_bytes(), where)
         _load_external_data(proto, path)
     _check_structure(proto, where)
+    _sort_topologically(proto.graph)
     return proto
 
 
@@ -89,6 +91,7 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
 def _check_structure(proto: onnx.ModelProto, where: str) -> None:
     """Catch what would otherwise surface as a crash deep inside a pass."""
     graph = proto.graph
+    _check_text(graph, where)
     _check_opset(proto, where)
     _check_initializers(graph, where)
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
@@ -118,6 +121,15 @@ def _check_structure(proto: onnx.ModelProto, where: str) -> None:
         for d in dim_owner.type.tensor_type.shape.dim:
             if d.HasField("dim_value") and d.dim_value > 2**40:
                 raise InvalidModelError(f"{where}: {dim_owner.name!r} declares an enormous dimension ({d.dim_value})")
+
+
+def _check_text(graph: onnx.GraphProto, where: str) -> None:
+    """Names are UTF-8 text (protobuf hands invalid UTF-8 over as bytes, which onnx_ir cannot write)."""
+    strings = [s for n in graph.node for s in (n.name, n.op_type, n.domain, *n.input, *n.output)]
+    strings += [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+    bad = next((s for s in strings if not isinstance(s, str)), None)
+    if bad is not None:
+        raise InvalidModelError(f"{where}: the name {bad!r} is not valid UTF-8 text")
 
 
 def _check_opset(proto: onnx.ModelProto, where: str) -> None:
@@ -163,6 +175,38 @@ def _check_initializers(graph: onnx.GraphProto, where: str) -> None:
         if have != want:
             kind = TensorProto.DataType.Name(t.data_type).lower()
             raise InvalidModelError(f"{where}: initializer {t.name!r} declares {kind} of shape {list(t.dims)} ({want} {unit}) but holds {have}")
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Put the nodes in topological order (ONNX requires it; shape inference and the optimizer
+    assume it), keeping the given order where it already is one. The graph is known acyclic."""
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    deps = [{producer[x] for x in n.input if x in producer} for n in graph.node]
+    if all(d < i for i, ds in enumerate(deps) for d in ds):
+        return
+    users: list[list[int]] = [[] for _ in graph.node]
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(i)
+    waiting = [len(ds) for ds in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    nodes = [graph.node[i] for i in order]
+    copies = []
+    for n in nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        copies.append(c)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _check_acyclic(graph: onnx.GraphProto, where: str) -> None:

@@ -48,6 +48,47 @@ def base_model(opset: int = 17) -> onnx.ModelProto:
     return model
 
 
+def attention_model(opset: int = 17) -> onnx.ModelProto:
+    """x[1,4,8] -> MatMul+Add (a Linear) -> Reshape/Transpose -> MatMul -> Softmax -> MatMul ->
+    Concat with a MaxPool branch -> Sigmoid * ... -> y: the same-scale, fixed-scale and bias rules."""
+    rng = np.random.default_rng(1)
+    f = lambda *s: rng.normal(size=s).astype(np.float32) * 0.5  # noqa: E731
+    inits = [
+        numpy_helper.from_array(f(8, 8), "wq"),
+        numpy_helper.from_array(f(8), "bq"),
+        numpy_helper.from_array(np.array([1, 4, 2, 4], np.int64), "shape4"),
+        numpy_helper.from_array(np.array([1, 4, 8], np.int64), "shape3"),
+        numpy_helper.from_array(f(16, 8), "wo"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q0"], name="q_mm"),
+        helper.make_node("Add", ["q0", "bq"], ["q"], name="q_bias"),
+        helper.make_node("Reshape", ["q", "shape4"], ["q4"], name="split_heads"),
+        helper.make_node("Transpose", ["q4"], ["qt"], name="heads_first", perm=[0, 2, 1, 3]),
+        helper.make_node("Transpose", ["q4"], ["kt"], name="keys", perm=[0, 2, 3, 1]),
+        helper.make_node("MatMul", ["qt", "kt"], ["scores"], name="scores"),
+        helper.make_node("Softmax", ["scores"], ["att"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["att", "qt"], ["ctx"], name="context"),
+        helper.make_node("Transpose", ["ctx"], ["ctx_t"], name="heads_last", perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ctx_t", "shape3"], ["ctx3"], name="merge_heads"),
+        helper.make_node("MaxPool", ["x"], ["pooled"], name="pool", kernel_shape=[3], pads=[1, 1]),
+        helper.make_node("Concat", ["ctx3", "pooled"], ["cat"], name="concat", axis=2),
+        helper.make_node("Sigmoid", ["cat"], ["gate"], name="gate"),
+        helper.make_node("Mul", ["cat", "gate"], ["gated"], name="swish"),
+        helper.make_node("MatMul", ["gated", "wo"], ["y"], name="out_proj"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="torchq-tests")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def calibration_arrays(n: int = 3, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=(n, *INPUT_SHAPE[1:])).astype(np.float32)
 

@@ -205,3 +205,48 @@ def test_cli_prints_a_multi_line_error_on_one_line():
     from torchq.cli import one_line
 
     assert one_line(ValueError("first\n\n  second  \nthird")) == "first; second; third"
+
+
+# ---- found by the fuzzer (tests/reliability/fuzz.py) -------------------------------------------
+
+
+def _ranges():
+    return {k: tuple(v) for k, v in _base().base_ranges().items()}
+
+
+def _attention_ranges():
+    from onnx_backend import Calibrator
+
+    c = Calibrator(_base().attention_model(), "min_max_asym", quiet=True)
+    c.collect_data([[np.random.default_rng(i).normal(size=(1, 4, 8)).astype(np.float32)] for i in range(3)])
+    return c.compute_range()
+
+
+def _node_of(m, name):
+    return next(n for n in m.graph.node if n.name == name)
+
+
+def test_unsorted_graph_is_sorted_on_load():
+    # Bug: with the nodes out of topological order, shape inference and the optimizer saw
+    # unknown inputs, and the planner quantized out_proj's weight as an asymmetric constant.
+    from onnx_backend import load_model, quantize
+
+    m = _base().attention_model()
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes[i] for i in np.random.default_rng(0).permutation(len(nodes)))
+    loaded = load_model(m)
+    seen = {"x"} | {t.name for t in loaded.graph.initializer}
+    for n in loaded.graph.node:
+        assert all(i in seen for i in n.input)
+        seen.update(n.output)
+    assert_valid(quantize(m, _attention_ranges()))
+
+
+def test_names_that_are_not_utf8_are_refused():
+    # Bug: a node name with invalid UTF-8 crashed onnx_ir's serializer (SerdeError, exit 1).
+    from onnx_backend import InvalidModelError, load_model
+
+    data = _base().base_model().SerializeToString().replace(b"conv2", b"conv\xe5")
+    with pytest.raises(InvalidModelError, match="not valid UTF-8"):
+        load_model(data)
