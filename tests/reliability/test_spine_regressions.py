@@ -250,3 +250,82 @@ def test_names_that_are_not_utf8_are_refused():
     data = _base().base_model().SerializeToString().replace(b"conv2", b"conv\xe5")
     with pytest.raises(InvalidModelError, match="not valid UTF-8"):
         load_model(data)
+
+
+def test_reshape_of_a_constant_shares_the_constant_scale():
+    # Bug: Reshape(constant) got its output's own scale while its input constant got another:
+    # the same-scale rule broke in our own output (exit 0, spec violation).
+    from onnx_backend import quantize
+
+    m = _base().attention_model()
+    _node_of(m, "split_heads").input[0] = "wq"
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1, 4, 2, 8], np.int64), "shape_w"))
+    _node_of(m, "split_heads").input[1] = "shape_w"
+    _node_of(m, "heads_first").input[0] = "q4"
+    model = onnx.helper.make_model(m.graph, opset_imports=m.opset_import)
+    ranges = dict(_attention_ranges())
+    ranges["q4"] = (-3.0, 3.0)
+    q = quantize(model, ranges)
+    assert_valid(q)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda m: _node_of(m, "fc").input.__setitem__(2, "p"), "bias is not a constant"),  # activation as Gemm bias
+        (lambda m: _set_values(m, "bf", np.nan), "holds Inf/NaN"),  # NaN bias (crash or asymmetric weight before)
+        (lambda m: _set_values(m, "w1", np.inf), "holds Inf/NaN"),
+    ],
+)
+def test_layers_whose_weights_or_bias_cannot_be_int8_stay_float(edit, reason):
+    from onnx_backend import quantize_with_report
+
+    m = _base().base_model()
+    edit(m)
+    q, report = quantize_with_report(m, _ranges(), optimize=False)
+    assert any(reason in why for why in report.float_nodes.values()), report.float_nodes
+    assert_valid(q)
+
+
+def _set_values(m, name, value):
+    t = _init_of(m, name)
+    a = numpy_helper.to_array(t).copy()
+    a.flat[0] = value
+    t.CopyFrom(numpy_helper.from_array(a, name))
+
+
+def _init_of(m, name):
+    return next(t for t in m.graph.initializer if t.name == name)
+
+
+def test_matmul_with_a_vector_weight_stays_float():
+    # Bug: MatMul(x, constant 1-D) had its constant quantized asymmetrically; the validator
+    # (rightly) reads a constant MatMul operand as a weight.
+    from onnx_backend import quantize_with_report
+
+    m = _base().attention_model()
+    _node_of(m, "q_bias").op_type = "MatMul"  # q0 @ bq, bq of shape (8,)
+    q, report = quantize_with_report(m, _attention_ranges(), target=None)
+    assert "not a float32 matrix" in report.float_nodes["q_bias"]
+    assert_valid(q)
+
+
+def test_clip_with_tensor_bounds_is_not_absorbed():
+    # Bug: clip_bounds called float() on a matrix (TypeError, exit 1).
+    from onnx_backend import quantize
+
+    m = _base().attention_model()
+    n = _node_of(m, "q_mm")
+    n.op_type = "Clip"  # Clip(x, min=wq): a matrix bound
+    assert_valid(quantize(m, _attention_ranges(), target=None))
+
+
+def test_bias_length_that_does_not_match_the_channels_is_a_clear_error():
+    # Bug: a 5-value bias on a 4-channel Conv (ONNX's checker accepts it) crashed with a numpy
+    # broadcast error in the int32 bias guard (exit 1).
+    from onnx_backend import InvalidModelError, quantize
+
+    m = _base().base_model()
+    _node_of(m, "conv2").input[2] = "bf"
+    with pytest.raises(InvalidModelError, match=r"node 'conv2': its bias has 5 values for 4 output channels"):
+        quantize(m, _ranges())
