@@ -100,9 +100,24 @@ REWRITE_RULES = [
 ]
 
 
+def register_orphan_constants(model: ir.Model) -> None:
+    """Register constant values that nodes read but the graph does not own as initializers.
+
+    onnxscript 0.7.2 folds two Flattens of one tensor into Reshapes whose shape constants both
+    want the name '<x>/shape'; the second is renamed '<x>/shape_1' but never registered, so the
+    serialized model reads a tensor nothing provides.
+    """
+    graph = model.graph
+    for node in graph:
+        for v in node.inputs:
+            if v is not None and v.producer() is None and v.const_value is not None and not v.is_graph_input() and not v.is_initializer() and v.graph is None:
+                graph.register_initializer(v)
+
+
 def optimize_ir(model: ir.Model) -> ir.Model:
     """Optimize an onnx_ir model in place and return it."""
     onnxscript.optimizer.optimize_ir(model, num_iterations=3)
+    register_orphan_constants(model)
     rewriter.rewrite(model, pattern_rewrite_rules=REWRITE_RULES)
     common_passes.IdentityEliminationPass()(model)
     common_passes.RemoveUnusedNodesPass()(model)

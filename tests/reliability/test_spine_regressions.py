@@ -329,3 +329,25 @@ def test_bias_length_that_does_not_match_the_channels_is_a_clear_error():
     _node_of(m, "conv2").input[2] = "bf"
     with pytest.raises(InvalidModelError, match=r"node 'conv2': its bias has 5 values for 4 output channels"):
         quantize(m, _ranges())
+
+
+def test_two_flattens_of_one_tensor():
+    # Bug (onnxscript 0.7.2): folding two Flattens of one tensor left the second Reshape's shape
+    # constant unregistered; the output failed onnx.checker ("internal error").
+    from onnx import TensorProto, helper
+
+    from onnx_backend import quantize
+
+    nodes = [
+        helper.make_node("Relu", ["x"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f1"], axis=1),
+        helper.make_node("Flatten", ["p"], ["f2"], axis=2),
+        helper.make_node("Relu", ["f1"], ["y1"]),
+        helper.make_node("Relu", ["f2"], ["y2"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 4])],
+        [helper.make_tensor_value_info("y1", TensorProto.FLOAT, [1, 24]), helper.make_tensor_value_info("y2", TensorProto.FLOAT, [2, 12])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert_valid(quantize(model, {k: (0.0, 1.0) for k in ("p", "f1", "f2", "y1", "y2")} | {"x": (-1.0, 1.0)}))
