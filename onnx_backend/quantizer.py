@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -12,7 +13,7 @@ import onnx_ir.passes.common as common_passes
 
 from .errors import ConfigError, InvalidModelError
 from .model_editor import apply_pending
-from .model_io import MIN_OPSET, load_model, upgrade_opset
+from .model_io import MIN_OPSET, default_opset, load_model, upgrade_opset
 from .optimize import optimize_ir
 from .planner import QuantPlan, Supports, plan_quantization, supports_everything
 from .qdq import apply_plan
@@ -70,9 +71,36 @@ def resolve_target(target) -> Supports:
     return target.supports
 
 
+@functools.lru_cache(maxsize=1)
+def onnxruntime_qdq_opset() -> int:
+    """The newest opset whose QuantizeLinear / DequantizeLinear this onnxruntime runs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for version in range(onnx.defs.onnx_opset_version(), MIN_OPSET - 1, -1):
+        graph = helper.make_graph(
+            [helper.make_node("QuantizeLinear", ["x", "s"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s"], ["y"])],
+            "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+            [helper.make_tensor("s", TensorProto.FLOAT, [], [1.0])],
+        )
+        try:
+            ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)]).SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return version
+        except Exception:  # noqa: BLE001 -- not implemented at this opset
+            continue
+    return MIN_OPSET
+
+
 def _prepare_ir(model, opset: int | None, optimize: bool) -> ir.Model:
     proto = load_model(model)
     proto = upgrade_opset(proto, max(MIN_OPSET, opset or 0))
+    newest = onnxruntime_qdq_opset()
+    if default_opset(proto) > newest:
+        raise InvalidModelError(f"the model's opset {default_opset(proto)} is newer than onnxruntime's QuantizeLinear (opset {newest}); convert the model to opset {newest} or older")
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception:  # shape inference is a help, not a requirement
@@ -123,20 +151,31 @@ def quantize_with_report(
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        _check_input(model, opset)
-        raise InvalidModelError(f"internal error: the quantized model does not pass onnx.checker: {exc}") from exc
+        _check_input(model, opset, optimize)
+        raise RuntimeError(f"the quantized model does not pass onnx.checker: {exc}") from exc  # a torchq bug
     return proto, QuantizationReport(plan, dict(plan.float_tensors), dict(plan.float_nodes))
 
 
-def _check_input(model, opset: int | None) -> None:
-    """Blame the input when it is itself invalid ONNX (only run when the output fails the check,
-    so valid models pay nothing for it)."""
+def _first_line(exc: BaseException) -> str:
+    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+
+
+def _check_input(model, opset: int | None, optimize: bool) -> None:
+    """Blame the input when it is itself invalid ONNX, or becomes visibly inconsistent once its
+    constants are folded (a shape mismatch hidden behind a computed shape). Only run when the
+    output fails the check, so valid models pay nothing for it."""
     proto = upgrade_opset(load_model(model), max(MIN_OPSET, opset or 0))
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:
-        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise InvalidModelError(f"the model is not valid ONNX: {first}") from None
+        raise InvalidModelError(f"the model is not valid ONNX: {_first_line(exc)}") from None
+    if optimize:
+        folded = ir.serde.deserialize_model(proto)
+        optimize_ir(folded)
+        try:
+            onnx.checker.check_model(ir.serde.serialize_model(folded), full_check=True)
+        except Exception as exc:
+            raise InvalidModelError(f"the model is inconsistent once its constants are folded: {_first_line(exc)}") from None
 
 
 def quantize(

@@ -351,3 +351,30 @@ def test_two_flattens_of_one_tensor():
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert_valid(quantize(model, {k: (0.0, 1.0) for k in ("p", "f1", "f2", "y1", "y2")} | {"x": (-1.0, 1.0)}))
+
+
+def test_opset_newer_than_onnxruntime_quantizes_is_refused():
+    # Bug: an opset-28 model quantized with exit 0 into a model onnxruntime cannot load
+    # (no QuantizeLinear(28) kernel).
+    from onnx_backend import InvalidModelError, quantize
+    from onnx_backend.quantizer import onnxruntime_qdq_opset
+
+    newest = onnxruntime_qdq_opset()
+    if newest >= onnx.defs.onnx_opset_version():
+        pytest.skip(f"this onnxruntime quantizes every opset onnx knows ({newest})")
+    m = _base().base_model()
+    m.opset_import[0].version = onnx.defs.onnx_opset_version()
+    with pytest.raises(InvalidModelError, match=f"newer than onnxruntime's QuantizeLinear \\(opset {newest}\\)"):
+        quantize(m, _ranges())
+
+
+def test_model_inconsistent_once_folded_is_blamed():
+    # A 1-D constant pooled into the Gemm: ONNX's checker accepts the float model, folding
+    # exposes the shape mismatch. It was "internal error" (exit 2); a real torchq bug is now a
+    # RuntimeError (exit 1), an inconsistent input a clear InvalidModelError.
+    from onnx_backend import InvalidModelError, quantize
+
+    m = _base().base_model()
+    _node_of(m, "pool").input[0] = "bf"
+    with pytest.raises(InvalidModelError, match="inconsistent once its constants are folded"):
+        quantize(m, _ranges())
