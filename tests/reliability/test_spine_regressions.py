@@ -378,3 +378,16 @@ def test_model_inconsistent_once_folded_is_blamed():
     _node_of(m, "pool").input[0] = "bf"
     with pytest.raises(InvalidModelError, match="inconsistent once its constants are folded"):
         quantize(m, _ranges())
+
+
+def test_validator_reports_malformed_qdq_instead_of_crashing():
+    # Bugs: IndexError on a Q/DQ node without its scale input; a broadcast error on a
+    # per-channel activation scale feeding a biased Conv.
+    from onnx_backend import quantize, validate
+
+    q = quantize(_base().base_model(), _ranges())
+    del _node_of(q, "r1_DequantizeLinear").input[1:]
+    assert validate(q)  # violations, no exception
+    q = quantize(_base().base_model(), _ranges())
+    _node_of(q, "r1_DequantizeLinear").input[1] = "w2_scale"  # 4 per-channel scales on an activation
+    assert any(v.rule == "bias" and "not per-tensor" in v.message for v in validate(q))
