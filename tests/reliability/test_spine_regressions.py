@@ -391,3 +391,17 @@ def test_validator_reports_malformed_qdq_instead_of_crashing():
     q = quantize(_base().base_model(), _ranges())
     _node_of(q, "r1_DequantizeLinear").input[1] = "w2_scale"  # 4 per-channel scales on an activation
     assert any(v.rule == "bias" and "not per-tensor" in v.message for v in validate(q))
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, np.nan, np.inf])
+def test_simulator_refuses_bad_scales_clearly(scale):
+    # Bug (npu): a zero / negative / NaN / inf Q/DQ scale crashed the simulator with ValueError or
+    # ZeroDivisionError (exit 1).
+    from onnx_backend import InvalidModelError, quantize
+    from npu import Simulator
+
+    q = quantize(_base().base_model(), _ranges())
+    t = next(t for t in q.graph.initializer if t.name == "p_scale")
+    t.CopyFrom(numpy_helper.from_array(np.array(scale, np.float32), "p_scale"))
+    with pytest.raises(InvalidModelError, match="scale must be positive and finite"):
+        Simulator(q, None)
