@@ -159,7 +159,11 @@ def _elem_type(model: onnx.ModelProto) -> dict[str, int]:
 
 def activation_tensors(model: onnx.ModelProto) -> list[str]:
     """Names of float32 activations: node outputs and pure inputs, in graph order."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception as exc:  # onnx raises InferenceError on types that contradict each other
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise InvalidModelError(f"shape inference fails on the model: {first}") from None
     types = _elem_type(inferred)
     consts = {t.name for t in model.graph.initializer}
     consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}

@@ -405,3 +405,29 @@ def test_simulator_refuses_bad_scales_clearly(scale):
     t.CopyFrom(numpy_helper.from_array(np.array(scale, np.float32), "p_scale"))
     with pytest.raises(InvalidModelError, match="scale must be positive and finite"):
         Simulator(q, None)
+
+
+def test_cli_blames_an_invalid_model_for_a_crash(tmp_path):
+    import argparse
+
+    from torchq.cli import invalid_model_input
+
+    m = _base().HOSTILE_MODELS["unknown_op"]()
+    path = tmp_path / "m.onnx"
+    path.write_bytes(m.SerializeToString())
+    assert "not valid ONNX (onnx.checker)" in invalid_model_input(argparse.Namespace(model=str(path)))
+    path.write_bytes(_base().base_model().SerializeToString())
+    assert invalid_model_input(argparse.Namespace(model=str(path))) is None
+
+
+def test_calibrator_reports_contradicting_types_clearly():
+    # Bug: an int64 constant declared as a float graph output made shape inference raise
+    # InferenceError out of Calibrator (exit 1).
+    from onnx import TensorProto, helper
+
+    from onnx_backend import Calibrator, InvalidModelError
+
+    m = _base().attention_model()
+    m.graph.output.append(helper.make_tensor_value_info("shape3", TensorProto.FLOAT, None))
+    with pytest.raises(InvalidModelError, match="shape inference fails on the model"):
+        Calibrator(m)
