@@ -8,6 +8,7 @@ from sample to sample (variable batch, image size, sequence length).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import reprlib
@@ -268,12 +269,17 @@ class Calibrator:
                 outputs = self._session.run(self.tensors, feeds)
             except Exception as exc:
                 raise CalibrationError(f"onnxruntime failed on calibration sample {self.samples}: {exc}") from None
+            staged = {}
             for name, value in zip(self.tensors, outputs):
+                stats = dataclasses.replace(self.statistics[name])  # shares the counts, which update() never writes into
                 try:
-                    self.statistics[name].update(value)
+                    stats.update(value)
                 except NonFiniteError:
                     raise CalibrationError(f"tensor {name!r} holds NaN or Inf on calibration sample {self.samples}") from None
-            self.samples += 1
+                staged[name] = stats
+            # One statement, no call in it: an interrupt (Ctrl-C) leaves every tensor with the
+            # sample or none with it, and `samples` counting exactly the samples folded in.
+            self.statistics, self.samples = {**self.statistics, **staged}, self.samples + 1
             seen += 1
         if seen == 0 and self.samples == 0:
             raise CalibrationError("the calibration dataset is empty")

@@ -110,15 +110,15 @@ class TensorStatistics:
         """Bin edges, len(counts) + 1 of them."""
         return np.arange(self.offset, self.offset + self.counts.size + 1, dtype=np.float64) * self.bin_width
 
-    def _widen_to(self, lo: float, hi: float) -> None:
-        """Coarsen and extend the bins so that [lo, hi] fits (lo <= self.min, hi >= self.max)."""
+    def _widened(self, lo: float, hi: float) -> tuple[int, int, np.ndarray]:
+        """Exponent, first bin and a fresh copy of the counts, re-binned so that [lo, hi] fits
+        (lo <= self.min, hi >= self.max). `self` is not changed."""
         e = required_exponent(lo, hi, self.max_bins)
         first, last = bin_of(lo, e), bin_of(hi, e)
         if self.empty:
-            self.exponent, self.offset, self.counts = e, first, np.zeros(last - first + 1, dtype=np.int64)
-            return
+            return e, first, np.zeros(last - first + 1, dtype=np.int64)
         counts, offset = coarsen(self.counts, self.offset, e - self.exponent)
-        self.exponent, self.offset, self.counts = e, first, realign(counts, offset, first, last - first + 1)
+        return e, first, realign(counts, offset, first, last - first + 1)
 
     def update(self, x: np.ndarray) -> None:
         """Fold a batch into the statistics. Raises NonFiniteError on NaN/Inf."""
@@ -134,12 +134,18 @@ class TensorStatistics:
         self.add_counts(lo, hi, x.size, counts, first, e)
 
     def add_counts(self, lo: float, hi: float, n: int, counts: np.ndarray, first: int, exponent: int) -> None:
-        """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`."""
-        self._widen_to(min(lo, self.min), max(hi, self.max))
-        counts, first = coarsen(np.asarray(counts, dtype=np.int64), first, self.exponent - exponent)
-        start = first - self.offset
-        self.counts[start : start + counts.size] += counts
-        self.min, self.max, self.count = min(lo, self.min), max(hi, self.max), self.count + n
+        """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`.
+
+        Builds a new counts array and never writes into the current one, so a shallow copy
+        (dataclasses.replace) of these statistics can be updated without touching the original.
+        """
+        new_lo, new_hi = min(lo, self.min), max(hi, self.max)
+        e, offset, total = self._widened(new_lo, new_hi)
+        counts, first = coarsen(np.asarray(counts, dtype=np.int64), first, e - exponent)
+        start = first - offset
+        total[start : start + counts.size] += counts
+        # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
+        self.exponent, self.offset, self.counts, self.min, self.max, self.count = e, offset, total, new_lo, new_hi, self.count + n
 
     def merge(self, other: TensorStatistics) -> TensorStatistics:
         """Fold another statistics object of the same tensor into this one (exact)."""
