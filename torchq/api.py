@@ -15,7 +15,7 @@ from onnx_backend.errors import CalibrationError
 
 from .config import QuantConfig, make_config
 from .export import export_with_report
-from .prepare import prepare, unprepare
+from .prepare import is_prepared, prepare, session_of, unprepare
 
 
 def positional_arity(model: torch.nn.Module) -> int | None:
@@ -77,6 +77,10 @@ def calibrate(model: torch.nn.Module, calibration_data: Iterable, *, max_batches
                 args, kwargs = split_batch(batch, arity)
                 model(*_to_device(args, device), **_to_device(kwargs, device))
                 n += 1
+    except BaseException:
+        if is_prepared(model):
+            session_of(model)[0].abort_forward()  # Ctrl-C mid-forward: leave the capture mode now
+        raise
     finally:
         model.train(was_training)
     if n == 0:

@@ -229,6 +229,7 @@ def export_float_with_markers(
         raise TorchqError(f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'} exporter) failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} -- try {other}") from exc
     finally:
         session.marker = None
+        session.abort_forward()  # a no-op after a clean export; after Ctrl-C it leaves the capture mode
         model.train(was_training)
 
 

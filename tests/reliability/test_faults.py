@@ -32,6 +32,7 @@ from tests.reliability.cli_harness import ROOT, run_cli
 from tests.reliability.interrupts import interrupt_at_line, lines_executed
 from tests.zoo import ZOO
 from torchq.observer import Observer
+from torchq.prepare import session_of
 
 # ---- interrupted calibration -------------------------------------------------------------------
 
@@ -116,6 +117,59 @@ def test_every_interrupt_of_the_onnx_calibrator_leaves_whole_samples():
             assert s.count == c.samples * sizes[name], f"interrupt {k}: {name} holds a partial sample"
         c.collect_data(samples[c.samples :])  # resume where it stopped
         assert c.compute_range() == expected
+
+
+def test_keyboard_interrupt_in_the_data_loop_leaves_the_torch_model_usable_and_removable():
+    entry = ZOO["inception"]
+    model = entry.model()
+    x = entry.calibration(1)[0]
+    reference = model(*x)
+
+    def data():
+        yield from entry.calibration(2)
+        raise KeyboardInterrupt
+
+    torchq.prepare(model)
+    with pytest.raises(KeyboardInterrupt):
+        torchq.calibrate(model, data())
+    assert not torch.overrides._get_current_function_mode_stack()  # the capture mode was left
+    torchq.calibrate(model, entry.calibration(2))  # carries on
+    assert_valid(torchq.export(model, x))
+    torchq.unprepare(model)
+    assert torch.equal(model(*x), reference)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("loop", ["torchq.calibrate", "own loop"])
+def test_keyboard_interrupt_inside_a_forward_pass_at_every_module(loop):
+    """Interrupt the calibration forward pass inside each module in turn. PyTorch skips its
+    always-called hooks on KeyboardInterrupt, so torchq.calibrate leaves the capture mode itself,
+    and in the user's own loop the next forward does. Observers stay self-consistent, keys stay
+    right, and unprepare restores the model exactly."""
+    entry = ZOO["residual"]
+    model = entry.model()
+    x = entry.calibration(1)[0]
+    reference = model(*x)
+    torchq.prepare(model)
+    torchq.calibrate(model, [x])
+    clean_keys = set(session_of(model)[0].observers)
+    torchq.unprepare(model)
+    for name, module in list(model.named_modules())[1:]:
+        torchq.prepare(model)
+        handle = module.register_forward_hook(lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt), torch.no_grad():
+            torchq.calibrate(model, [x]) if loop == "torchq.calibrate" else model(*x)
+        handle.remove()
+        with torch.no_grad():
+            model(*x)  # the next calibration batch
+        assert not torch.overrides._get_current_function_mode_stack(), name
+        session, _ = session_of(model)
+        assert set(session.observers) == clean_keys, name
+        for obs in session.observers.values():
+            assert obs.count == int(obs.counts.sum()), name
+        assert_valid(torchq.export(model, x))
+        torchq.unprepare(model)
+        assert torch.equal(model(*x), reference), name
 
 
 # ---- full disks and unwritable paths ------------------------------------------------------------
