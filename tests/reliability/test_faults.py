@@ -9,13 +9,13 @@ every step of an atomic write is covered on any machine.
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import json
 import os
-import shutil
+import resource
+import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import torchq
-from onnx_backend import Calibrator, CalibrationMethod, assert_valid, load_ranges, quantize, save_model, save_ranges
+from onnx_backend import Calibrator, CalibrationMethod, assert_valid, save_model, save_ranges
 from onnx_backend import model_io
 from onnx_backend.errors import OutputPathError
 from onnx_backend.statistics import TensorStatistics
@@ -172,28 +172,140 @@ def test_keyboard_interrupt_inside_a_forward_pass_at_every_module(loop):
         assert torch.equal(model(*x), reference), name
 
 
+def test_interrupted_cli_writes_nothing(tmp_path, monkeypatch):
+    paths = hostile.write_inputs(tmp_path, hostile.base_model())
+    out = tmp_path / "out.onnx"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Calibrator, "compute_range", interrupted)
+    before = set(tmp_path.iterdir())
+    r = run_cli(hostile.commands(paths, out)["quantize-onnx --data"])
+    assert r.code == 130 and "interrupted; nothing was written" in r.stderr
+    assert set(tmp_path.iterdir()) == before
+
+
 # ---- full disks and unwritable paths ------------------------------------------------------------
 
 
-class _FailingFile:
-    """A real file whose write() stores half the bytes and then fails as a full disk does."""
+def _big_model() -> onnx.ModelProto:
+    """The base model plus a 4 x 20000 MatMul head: about 80 KB of int8 weights once quantized,
+    more than a 64 KiB filesystem holds."""
+    from onnx import TensorProto, helper
 
-    def __init__(self, f):
-        self._f = f
+    m = hostile.base_model()
+    m.graph.initializer.append(onnx.numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 20000)).astype(np.float32), "big_w"))
+    m.graph.node.append(helper.make_node("MatMul", ["f", "big_w"], ["y2"], name="big_head"))
+    m.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [1, 20000]))
+    return m
 
-    def write(self, data):
-        self._f.write(data[: len(data) // 2])
-        self._f.flush()
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def __getattr__(self, name):
-        return getattr(self._f, name)
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 64 KiB filesystem (needs the right to mount: root, or a user namespace)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the OS-boundary tests below cover the same steps")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self._f.close()
+def test_real_full_disk_leaves_no_partial_file_and_keeps_the_old_one(small_tmpfs):
+    old = small_tmpfs / "model.int8.onnx"
+    old.write_bytes(b"the previous output")
+    with pytest.raises(OutputPathError, match=r"No space left on device.*nothing was written"):
+        save_model(_big_model(), old)
+    assert old.read_bytes() == b"the previous output"
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["model.int8.onnx"]
+    ranges = {f"tensor_{i}": (0.0, 1.0) for i in range(5000)}  # about 200 KB of JSON
+    with pytest.raises(OutputPathError, match="nothing was written"):
+        save_ranges(ranges, small_tmpfs / "ranges.json")
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["model.int8.onnx"]
+
+
+def test_real_full_disk_through_the_cli(small_tmpfs, tmp_path):
+    paths = hostile.write_inputs(tmp_path / "in", _big_model())
+    r = run_cli(["quantize-onnx", str(paths["model"]), "--ranges", str(paths["ranges"]), "--target", "all", "-o", str(small_tmpfs / "q.onnx")])
+    assert r.code == 2 and "No space left on device" in r.stderr and len(r.error_lines) == 1, r.stderr
+    assert list(small_tmpfs.iterdir()) == []
+
+
+def test_read_only_filesystem(tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
+    try:
+        with pytest.raises(OutputPathError, match="not writable"):
+            save_model(hostile.base_model(), mnt / "m.onnx")
+        with pytest.raises(OutputPathError, match="not writable|nothing was written"):
+            save_ranges({"x": (0.0, 1.0)}, mnt / "r.json")
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """The kernel refuses to grow any file of this process past `limit` bytes (EFBIG): a write
+    that fails half-way, like a full disk, without privileges."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+@pytest.mark.parametrize("where", ["write", "fsync", "replace"])
+def test_failure_at_each_step_of_an_atomic_write_leaves_no_partial_file(where, tmp_path, monkeypatch):
+    """Each step of an atomic write failing at the OS boundary: the write itself (a real kernel
+    limit on file size: the bytes up to it are written, then EFBIG), the fsync or the rename
+    (OSError(ENOSPC) from os.fsync / os.replace, which is how a full disk reports a delayed
+    allocation failure). Portable: no mount needed, and every step is hit on purpose."""
+    target = tmp_path / "model.int8.onnx"
+    target.write_bytes(b"the previous output")
+    model = _big_model()
+    context = _file_size_limit(4096) if where == "write" else contextlib.nullcontext()
+    if where == "fsync":
+        monkeypatch.setattr(model_io.os, "fsync", _enospc)
+    elif where == "replace":
+        monkeypatch.setattr(model_io.os, "replace", _enospc)
+    with context:
+        with pytest.raises(OutputPathError, match="nothing was written"):
+            save_model(model, target)
+        with pytest.raises(OutputPathError, match="nothing was written"):
+            save_ranges({f"tensor_{i}": (0.0, 1.0) for i in range(5000)}, tmp_path / "ranges.json")
+    monkeypatch.undo()
+    assert target.read_bytes() == b"the previous output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]
+
+
+def test_unwritable_output_through_the_cli_for_every_writer(tmp_path):
+    paths = hostile.write_inputs(tmp_path, hostile.base_model())
+    folder_file = tmp_path / "not_a_folder"
+    folder_file.write_text("x")
+    for argv in (
+        ["quantize-onnx", str(paths["model"]), "--ranges", str(paths["ranges"]), "-o", str(folder_file / "q.onnx")],
+        ["calibrate", str(paths["model"]), "--data", str(paths["data"]), "-o", str(folder_file / "r.json")],
+        ["simulate", str(paths["model"]), "--data", str(paths["data"]), "-o", str(folder_file / "s.npz")],
+    ):
+        before = set(tmp_path.iterdir())
+        r = run_cli(argv)
+        assert r.code == 2 and len(r.error_lines) == 1 and "does not exist" in r.stderr, (argv, r.stderr)
+        assert set(tmp_path.iterdir()) == before
 
 
 # ---- reproducibility ---------------------------------------------------------------------------
@@ -220,3 +332,59 @@ c.collect_data([[x[None]] for x in hostile.calibration_arrays(5)])
 save_ranges(c.compute_range(), f"{out}/ranges.json")
 save_model(quantize(model, c.compute_range()), f"{out}/onnx_path.onnx")
 """
+
+
+def test_same_inputs_give_byte_identical_files_across_processes(tmp_path):
+    """Two fresh processes (different hash seeds) write byte-identical models and ranges: the
+    PyTorch path with both exporters and the ONNX path."""
+    outs = []
+    for hash_seed in ("1", "2"):
+        out = tmp_path / f"run{hash_seed}"
+        out.mkdir()
+        env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
+        r = subprocess.run([sys.executable, "-c", REPRO_SCRIPT, str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs.append(out)
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert len(names) == 6 and names == sorted(p.name for p in outs[1].iterdir())
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    # and the CLI, twice in one process
+    paths = hostile.write_inputs(tmp_path / "cli", hostile.base_model())
+    for i in (1, 2):
+        assert run_cli(["quantize-onnx", str(paths["model"]), "--data", str(paths["data"]), "--method", "entropy_sym", "-o", str(tmp_path / f"c{i}.onnx")]).code == 0
+    assert (tmp_path / "c1.onnx").read_bytes() == (tmp_path / "c2.onnx").read_bytes()
+
+
+def _qparams_by_key(qmodel: onnx.ModelProto, keys_of_tensor: dict[str, list[str]]) -> dict[str, tuple]:
+    """{observer key: (scale, zero point)} of the QuantizeLinear reading each bound tensor."""
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in qmodel.graph.initializer}
+    q_of = {n.input[0]: n for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
+    out = {}
+    for tensor, keys in keys_of_tensor.items():
+        q = q_of.get(tensor)
+        if q is not None:
+            out[keys[0]] = (float(inits[q.input[1]]), int(inits[q.input[2]]))
+    return out
+
+
+@pytest.mark.parametrize("name", ["residual", "inception", "transformer_block", "squeeze_excitation"])
+def test_both_exporters_give_the_same_quantization_parameters_per_observer_key(name):
+    entry = ZOO[name]
+    model = entry.model()
+    torchq.prepare(model, torchq.QuantConfig(method="mse"))
+    torchq.calibrate(model, entry.calibration(4))
+    by_exporter = {}
+    for dynamo in (True, False):
+        qmodel, report = torchq.export_with_report(model, entry.calibration(1)[0], dynamo=dynamo)
+        assert_valid(qmodel)
+        by_exporter[dynamo] = (_qparams_by_key(qmodel, report.keys_of_tensor), {k[0]: report.ranges[t] for t, k in report.keys_of_tensor.items() if t in report.ranges})
+    torchq.unprepare(model)
+    (dyn_q, dyn_r), (ts_q, ts_r) = by_exporter[True], by_exporter[False]
+    common_ranges = dyn_r.keys() & ts_r.keys()
+    assert len(common_ranges) >= 0.8 * max(len(dyn_r), len(ts_r)), (sorted(dyn_r.keys() ^ ts_r.keys()))
+    assert all(dyn_r[k] == ts_r[k] for k in common_ranges)
+    common = dyn_q.keys() & ts_q.keys()
+    assert len(common) >= 0.5 * max(len(dyn_q), len(ts_q)) and common
+    differ = {k: (dyn_q[k], ts_q[k]) for k in common if dyn_q[k] != ts_q[k]}
+    assert not differ, differ
