@@ -431,3 +431,25 @@ def test_calibrator_reports_contradicting_types_clearly():
     m.graph.output.append(helper.make_tensor_value_info("shape3", TensorProto.FLOAT, None))
     with pytest.raises(InvalidModelError, match="shape inference fails on the model"):
         Calibrator(m)
+
+
+def test_calibrate_accepts_data_whose_len_raises():
+    # Bug: torchq.calibrate called len() on anything with __len__; the recipe runner's wrapper
+    # defines it around generators, so a generator loader failed with "the model raised
+    # TypeError ... object of type 'generator' has no len()" (the model was not at fault).
+    import torchq
+    from tests.reliability.recipe_targets import tiny_loader, tiny_model
+
+    class Unsized:
+        def __len__(self):
+            raise TypeError("no len")
+
+        def __iter__(self):
+            return iter(tiny_loader())
+
+    model = tiny_model()
+    torchq.prepare(model)
+    try:
+        assert torchq.calibrate(model, Unsized()) == 2
+    finally:
+        torchq.unprepare(model)
