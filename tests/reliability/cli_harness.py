@@ -9,6 +9,7 @@ handful of tests also run real subprocesses to prove the process-level behaviour
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# The one error line: "torchq COMMAND: error: ..." (ours and argparse's).
+ERROR_LINE = re.compile(r"^torchq( [\w-]+)?: error: \S")
 # What a traceback or an internal error looks like on stderr.
 INTERNAL_MARKERS = ("Traceback (most recent call last)", "internal error:", 'File "/')
 
@@ -95,8 +98,9 @@ def judge(result: CliResult, outputs: list[Path], before: set[str], folder: Path
     if result.code != 2:
         return f"exit {result.code} (expected {ok_codes} or 2):\n{result.stderr[-3000:]}"
     lines = result.error_lines
-    if len(lines) != 1 or "error:" not in lines[0]:
-        return f"exit 2 but stderr is not one clear error line:\n{result.stderr[-3000:]}"
+    errors = [ln for ln in lines if ERROR_LINE.match(ln)]
+    if len(errors) != 1 or lines[-1] != errors[0]:  # progress lines may come first; one error, last
+        return f"exit 2 but stderr does not end in exactly one clear error line:\n{result.stderr[-3000:]}"
     left = files_in(folder) - before
     if left:
         return f"exit 2 but files were left behind: {sorted(left)}"
