@@ -3,7 +3,9 @@
 Each case takes a valid model (float, or already quantized), applies one to three mutations
 (byte flips and truncation, or protobuf-level edits: op types, dangling or rewired inputs,
 initializer types, dims and data, attributes, graph input types and shapes, opsets, Q/DQ scales,
-zero points and axes) and runs the subcommands that read such a model. The contract, judged by
+zero points and axes) and runs the subcommands that read such a model; or it mutates a valid
+recipe (keys deleted, renamed or added, values of every type, nested structures, byte edits of
+the YAML) and runs `torchq quantize --recipe --check`, and the recipe itself when it validates. The contract, judged by
 cli_harness.judge: exit 0 with a valid output (onnx.checker, the spec validator, onnxruntime
 loads it) or exit 2 with one clear line; never exit 1, a traceback or a partial file.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -301,6 +304,8 @@ def m_qdq_inputs(m, rng):
     if not qdq:
         return "no-op"
     n = _pick(rng, qdq)
+    if not n.input:
+        return "no-op"
     keep = int(rng.integers(0, len(n.input)))
     del n.input[keep:]
     return f"{n.name}: only {keep} inputs"
@@ -331,6 +336,79 @@ def mutate_bytes(data: bytes, rng) -> tuple[bytes, str]:
         return bytes(b[:at] + junk + b[at:]), f"{len(junk)} random bytes inserted at {at}"
     at, n = int(rng.integers(len(b))), int(rng.integers(1, 256))
     return bytes(b[:at] + b[at : at + n] * 3 + b[at + n :]), f"chunk of {n} bytes at {at} repeated"
+
+
+# ---- recipe mutations --------------------------------------------------------------------------
+
+RECIPE_KEYS = ["name", "model", "factory", "kwargs", "checkpoint", "calibration", "loader", "num_batches", "device", "quantization",
+               "method", "symmetric", "percentile", "per_channel", "exclude", "overrides", "pattern", "float", "histogram_bins",
+               "target", "export", "path", "opset", "exporter", "input_names", "dynamic_axes", "evaluation", "function", "extends", "typo_key"]
+
+
+def _random_value(rng, depth: int = 0):
+    kind = int(rng.integers(12 if depth < 3 else 8))
+    if kind == 0:
+        return int(_pick(rng, [0, 1, -1, 3, 17, 256, 2**31, -(2**63), 10**30]))
+    if kind == 1:
+        return float(_pick(rng, [0.5, -1.0, 1e308, float("nan"), float("inf"), 99.99, 1e-300]))
+    if kind == 2:
+        return _pick(rng, ["", "mse", "entropy", "min_max", "warboy", "tflite", "dynamo", "torchscript", "cpu", "x" * 10_000, "../../etc/passwd",
+                           "/etc/passwd", "os:system", "tests.reliability.recipe_targets:raises", "tests.reliability.recipe_targets:tiny_model",
+                           "a.b:c", "*", "head.*", "é\u0000", "12"])
+    if kind == 3:
+        return bool(rng.integers(2))
+    if kind == 4:
+        return None
+    if kind in (5, 6, 7):
+        return _pick(rng, [[], [1, 2], ["a"], {}, {"pattern": "*"}, {"a": 1}])
+    if kind in (8, 9):
+        return [_random_value(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))]
+    return {_pick(rng, RECIPE_KEYS): _random_value(rng, depth + 1) for _ in range(int(rng.integers(0, 4)))}
+
+
+def _paths(node, prefix=()):
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _paths(v, prefix + (i,))
+
+
+def mutate_recipe(recipe: dict, rng) -> str:
+    paths = [p for p in _paths(recipe) if p]
+    path = _pick(rng, paths)
+    parent = recipe
+    for part in path[:-1]:
+        parent = parent[part]
+    last = path[-1]
+    choice = int(rng.integers(5))
+    if choice == 0 and isinstance(parent, dict):
+        del parent[last]
+        return f"{'.'.join(map(str, path))} deleted"
+    if choice == 1 and isinstance(parent, dict):
+        parent[str(last) + _pick(rng, ["s", "_", "X"])] = parent.pop(last)
+        return f"{'.'.join(map(str, path))} renamed"
+    if choice == 2 and isinstance(parent, dict):
+        key = _pick(rng, RECIPE_KEYS)
+        parent[key] = _random_value(rng)
+        return f"{'.'.join(map(str, path[:-1] + (key,)))} added/replaced: {parent[key]!r}"[:200]
+    parent[last] = _random_value(rng)
+    return f"{'.'.join(map(str, path))} -> {parent[last]!r}"[:200]
+
+
+def recipe_case(rng, folder: Path) -> tuple[str | bytes, list[str]]:
+    import yaml
+
+    from tests.reliability.recipe_targets import base_recipe
+
+    recipe = base_recipe(folder)
+    if rng.random() < 0.2:
+        text, what = mutate_bytes(yaml.safe_dump(recipe).encode(), rng)
+        return text, [what]
+    mutations = [mutate_recipe(recipe, rng) for _ in range(int(rng.integers(1, 4)))]
+    return yaml.safe_dump(recipe, allow_unicode=True), mutations
 
 
 # ---- bases and commands ------------------------------------------------------------------------
@@ -385,6 +463,7 @@ def commands_for(base: Base, folder: Path, rng) -> dict[str, tuple[list[str], li
 
 
 OK_CODES = {"validate": (0, 3), "check": (0,), "simulate": (0,)}
+RECIPE_SHARE = 0.3  # of the cases mutate a recipe instead of a model
 
 
 def check_output(cmd: str, outputs: list[Path]) -> str | None:
@@ -411,8 +490,41 @@ def check_output(cmd: str, outputs: list[Path]) -> str | None:
     return None
 
 
+def _judge_run(argv: list[str], outputs: list[Path], folder: Path, ok_codes) -> tuple[object, str | None]:
+    before = files_in(folder)
+    r = run_cli(argv)
+    verdict = judge(r, outputs, before, folder, ok_codes)
+    if verdict is None and r.code == 0 and outputs and outputs[0].suffix == ".onnx":
+        verdict = check_output("quantize", outputs)
+    return r, verdict
+
+
+def run_recipe_case(seed: int, index: int, rng, work: Path, failures: Path) -> list[dict]:
+    folder = work / f"case{index}"
+    folder.mkdir(parents=True)
+    text, mutations = recipe_case(rng, folder)
+    path = folder / "recipe.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    results = []
+    runs = [("quantize --recipe --check", ["--quiet", "quantize", "--recipe", str(path), "--check"], [])]
+    for cmd, argv, outputs in runs:
+        start = time.perf_counter()
+        r, verdict = _judge_run(argv, outputs, folder, (0,))
+        results.append({"case": index, "base": "recipe", "mutations": mutations, "cmd": cmd, "code": r.code, "seconds": round(time.perf_counter() - start, 2),
+                        "verdict": verdict, "message": (r.error_lines or [""])[-1][:300]})
+        if cmd.endswith("--check") and r.code == 0:  # a valid recipe: run it
+            runs.append(("quantize --recipe", ["--quiet", "quantize", "--recipe", str(path), "--no-eval", "-o", str(folder / "out.onnx")], [folder / "out.onnx"]))
+        if verdict is not None:
+            failures.mkdir(exist_ok=True)
+            (failures / f"seed{seed}_case{index}.yaml").write_bytes(path.read_bytes())
+    shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
 def run_case(seed: int, index: int, bases: list[Base], ranges: dict, work: Path, failures: Path) -> list[dict]:
     rng = np.random.default_rng([seed, index])
+    if rng.random() < RECIPE_SHARE:
+        return run_recipe_case(seed, index, rng, work, failures)
     base = bases[int(rng.integers(len(bases)))]
     folder = work / f"case{index}"
     folder.mkdir(parents=True)
@@ -443,9 +555,7 @@ def run_case(seed: int, index: int, bases: list[Base], ranges: dict, work: Path,
         if verdict is not None:
             failures.mkdir(exist_ok=True)
             (failures / f"seed{seed}_case{index}.onnx").write_bytes(data)
-    for p in folder.iterdir():
-        p.unlink()
-    folder.rmdir()
+    shutil.rmtree(folder, ignore_errors=True)
     return results
 
 

@@ -8,6 +8,20 @@ import torch
 from torch import nn
 
 NOT_CALLABLE = 5
+HERE = __name__
+
+
+def base_recipe(folder) -> dict:
+    """A valid recipe for the tiny model, writing `folder`/out.onnx (the hostile tests and the
+    fuzzer start from it)."""
+    return {
+        "name": "tiny",
+        "model": {"factory": f"{HERE}:tiny_model"},
+        "calibration": {"loader": f"{HERE}:tiny_loader"},
+        "quantization": {"method": "mse"},
+        "target": None,
+        "export": {"path": str(folder / "out.onnx"), "exporter": "torchscript", "opset": 17, "report": False},
+    }
 
 
 def tiny_model(width: int = 4) -> nn.Module:

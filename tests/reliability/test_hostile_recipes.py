@@ -15,19 +15,9 @@ import yaml
 
 from onnx_backend import validate
 from tests.reliability.cli_harness import files_in, judge, run_cli
+from tests.reliability.recipe_targets import base_recipe
 
 T = "tests.reliability.recipe_targets"
-
-
-def base_recipe(folder: Path) -> dict:
-    return {
-        "name": "tiny",
-        "model": {"factory": f"{T}:tiny_model"},
-        "calibration": {"loader": f"{T}:tiny_loader"},
-        "quantization": {"method": "mse"},
-        "target": None,
-        "export": {"path": str(folder / "out.onnx"), "exporter": "torchscript", "opset": 17, "report": False},
-    }
 
 
 def _run(folder: Path, recipe: dict | str | bytes, *extra: str) -> tuple[object, str | None]:
