@@ -8,11 +8,14 @@ from sample to sample (variable batch, image size, sequence length).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import reprlib
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from enum import IntEnum
 from pathlib import Path
@@ -161,7 +164,7 @@ def _elem_type(model: onnx.ModelProto) -> dict[str, int]:
 def activation_tensors(model: onnx.ModelProto) -> list[str]:
     """Names of float32 activations: node outputs and pure inputs, in graph order."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = model_io.infer_shapes(model)  # types only: a skeleton without the weights
     except Exception as exc:  # onnx raises InferenceError on types that contradict each other
         first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
         raise InvalidModelError(f"shape inference fails on the model: {first}") from None
@@ -182,6 +185,32 @@ def _progress(iterable, desc: str, quiet: bool | None):
     return tqdm(iterable, desc=desc, total=total, disable=quiet, unit="sample", leave=False)
 
 
+# Above this size the calibration session reads the model from a temporary file: onnxruntime
+# then does not need the serialized bytes in memory beside its own copy (ConvNeXt-B: peak RSS
+# 2.67 -> 2.2 GiB; bench/scale.py).
+SESSION_FROM_FILE_BYTES = 256 << 20
+
+
+@contextlib.contextmanager
+def _for_onnxruntime(model: onnx.ModelProto):
+    """The model as onnxruntime should read it: bytes, or a temporary file for large models."""
+    if model.ByteSize() < SESSION_FROM_FILE_BYTES:
+        yield model.SerializeToString()
+        return
+    folder = tempfile.mkdtemp(prefix="torchq-calibration-")
+    try:
+        path = os.path.join(folder, "model.onnx")
+        try:
+            with open(path, "wb") as f:
+                f.write(model.SerializeToString())
+        except OSError:  # no room for it: the bytes in memory, as for small models
+            yield model.SerializeToString()
+            return
+        yield path
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class Calibrator:
     """Collects the values of tensors in an ONNX model and computes their ranges.
 
@@ -198,8 +227,11 @@ class Calibrator:
         histogram_bins: int = DEFAULT_BINS,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         quiet: bool | None = None,
+        copy_model: bool = True,
     ):
-        self.model = model_io.load_model(model)
+        # copy_model=False shares a ModelProto the caller keeps anyway (the CLI quantizes the same
+        # optimized model after calibrating it): one model's size less in memory.
+        self.model = model_io.load_model(model, copy=copy_model)
         self.calibration_method = CalibrationMethod.parse(calibration_method)
         if not 0 < percentage <= 100:
             raise ConfigError(f"percentage must be in (0, 100], got {percentage}")
@@ -214,20 +246,26 @@ class Calibrator:
         self._session = self._make_session(providers)
 
     def _make_session(self, providers: Sequence[str]) -> ort.InferenceSession:
-        exposed = onnx.ModelProto()
-        exposed.CopyFrom(self.model)
-        outputs = {o.name for o in exposed.graph.output}
-        for name in self.tensors:
-            if name not in outputs:
-                exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-        options = ort.SessionOptions()
-        # Basic optimizations only: they never remove a tensor that is a graph output.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.log_severity_level = 4  # errors reach the user as one CalibrationError line, not as a log
+        # The tensors become extra graph outputs only while the model is serialized: a copy of the
+        # model to add them to would hold its weights once more.
+        outputs = self.model.graph.output
+        kept = len(outputs)
+        names = {o.name for o in outputs}
         try:
-            session = ort.InferenceSession(exposed.SerializeToString(), options, providers=list(providers))
-        except Exception as exc:
-            raise InvalidModelError(f"onnxruntime cannot load the model: {exc}") from None
+            for name in self.tensors:
+                if name not in names:
+                    outputs.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            with _for_onnxruntime(self.model) as source:
+                options = ort.SessionOptions()
+                # Basic optimizations only: they never remove a tensor that is a graph output.
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                options.log_severity_level = 4  # errors reach the user as one CalibrationError line, not as a log
+                try:
+                    session = ort.InferenceSession(source, options, providers=list(providers))
+                except Exception as exc:
+                    raise InvalidModelError(f"onnxruntime cannot load the model: {exc}") from None
+        finally:
+            del outputs[kept:]
         self._input_meta = {i.name: i for i in session.get_inputs()}
         return session
 

@@ -35,11 +35,14 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def load_model(model: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.ModelProto:
-    """Load and sanity-check a model from a path, bytes or a ModelProto (which is copied)."""
+def load_model(model: onnx.ModelProto | bytes | str | os.PathLike, *, copy: bool = True) -> onnx.ModelProto:
+    """Load and sanity-check a model from a path, bytes or a ModelProto (which is copied, unless
+    `copy=False`: then it is checked, sorted if need be, and returned itself)."""
     if isinstance(model, onnx.ModelProto):
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model)
+        proto = model
+        if copy:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
         where = "the given ModelProto"
     elif isinstance(model, (bytes, bytearray)):
         proto = _parse(bytes(model), "the given bytes")
@@ -231,6 +234,57 @@ def _check_acyclic(graph: onnx.GraphProto, where: str) -> None:
                 raise InvalidModelError(f"{where}: the graph has a cycle through node {graph.node[p].name or graph.node[p].op_type!r}")
             state[p] = 1
             stack.append((p, iter(graph.node[p].input)))
+
+
+# Initializers larger than this are left out of shape inference (it needs their dims and type,
+# not their values; data propagation reads only small shape tensors).
+INFERENCE_DATA_LIMIT = 1 << 16
+
+
+def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` without the data of its large initializers (dims and type kept, marked external)."""
+    skeleton = onnx.ModelProto()
+    graph = proto.graph
+    kept_graph = onnx.GraphProto()
+    kept_graph.name = graph.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(kept_graph, field).extend(getattr(graph, field))
+    for t in graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL and t.ByteSize() > INFERENCE_DATA_LIMIT:
+            stub = kept_graph.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            stub.data_location = TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="torchq-shape-inference-stub")
+        else:
+            kept_graph.initializer.append(t)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, field, getattr(proto, field))
+    skeleton.opset_import.extend(proto.opset_import)
+    skeleton.functions.extend(proto.functions)
+    skeleton.graph.CopyFrom(kept_graph)
+    return skeleton
+
+
+def infer_shapes(proto: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto:
+    """onnx's shape inference (strict_mode=False) run on a skeleton of `proto` without its large
+    initializers' data; returns that skeleton, with the inferred value_info and output types.
+
+    onnx.shape_inference.infer_shapes serializes the whole model into C++ and back, so on a
+    440 MB model it held three extra copies at once (1.2 GB, the largest step of quantizing
+    ConvNeXt-B; bench/scale.py). Use `merge_inferred` to copy the result into a model you own.
+    """
+    return onnx.shape_inference.infer_shapes(_skeleton(proto), strict_mode=False, data_prop=data_prop)
+
+
+def merge_inferred(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy inferred value_info and output types into `proto` (in place) and return it."""
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(inferred.graph.value_info)
+    for out, typed in zip(proto.graph.output, inferred.graph.output):
+        if out.name == typed.name:
+            out.type.CopyFrom(typed.type)
+    return proto
 
 
 def upgrade_opset(proto: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.ModelProto:
