@@ -334,13 +334,6 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _umask_mode() -> int:
-    """The mode open() gives a new file (mkstemp would make it 0600); torchq/report_render uses it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     """Write `model` to `path` atomically. Models over ~1.8 GB keep their tensors in
     `<name>.data` beside it (protobuf cannot hold more than 2 GB)."""

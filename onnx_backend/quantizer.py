@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -13,7 +12,7 @@ import onnx_ir.passes.common as common_passes
 
 from .errors import ConfigError, InvalidModelError
 from .model_editor import apply_pending
-from .model_io import MIN_OPSET, default_opset, infer_shapes, load_model, merge_inferred, upgrade_opset
+from .model_io import MIN_OPSET, infer_shapes, load_model, merge_inferred, upgrade_opset
 from .optimize import optimize_ir
 from .planner import QuantPlan, Supports, plan_quantization, supports_everything
 from .qdq import apply_plan
@@ -71,36 +70,9 @@ def resolve_target(target) -> Supports:
     return target.supports
 
 
-@functools.lru_cache(maxsize=1)
-def onnxruntime_qdq_opset() -> int:
-    """The newest opset whose QuantizeLinear / DequantizeLinear this onnxruntime runs."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    for version in range(onnx.defs.onnx_opset_version(), MIN_OPSET - 1, -1):
-        graph = helper.make_graph(
-            [helper.make_node("QuantizeLinear", ["x", "s"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s"], ["y"])],
-            "probe",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-            [helper.make_tensor("s", TensorProto.FLOAT, [], [1.0])],
-        )
-        try:
-            ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)]).SerializeToString(), options, providers=["CPUExecutionProvider"])
-            return version
-        except Exception:  # noqa: BLE001 -- not implemented at this opset
-            continue
-    return MIN_OPSET
-
-
 def _prepare_ir(model, opset: int | None, optimize: bool, consume: bool = False) -> ir.Model:
     proto = load_model(model, copy=not consume)
     proto = upgrade_opset(proto, max(MIN_OPSET, opset or 0))
-    newest = onnxruntime_qdq_opset()
-    if default_opset(proto) > newest:
-        raise InvalidModelError(f"the model's opset {default_opset(proto)} is newer than onnxruntime's QuantizeLinear (opset {newest}); convert the model to opset {newest} or older")
     try:
         proto = merge_inferred(proto, infer_shapes(proto, data_prop=True))
     except Exception:  # shape inference is a help, not a requirement
