@@ -186,6 +186,8 @@ class QDQModel:
         zero = self.const(zero_value) if zero_value is not None else None
         if zero is not None and zero.dtype.kind not in "iu":
             raise InvalidModelError(f"{node.op_type} {node.name!r}: zero point must be an integer tensor, got {zero.dtype}")
+        if zero is not None and zero.shape != scale.shape:
+            raise InvalidModelError(f"{node.op_type} {node.name!r}: zero point shape {list(zero.shape)} differs from scale shape {list(scale.shape)}")
         if zero is None:
             if node.op_type == "DequantizeLinear":
                 dtype = self.dtype(node.inputs[0]) or np.dtype(np.uint8)

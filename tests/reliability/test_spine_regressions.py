@@ -392,6 +392,18 @@ def test_simulator_refuses_bad_scales_clearly(scale):
         Simulator(q, None)
 
 
+def test_simulator_refuses_a_zero_point_shaped_unlike_its_scale():
+    # Bug (npu, fuzz seed 36): a bias DQ with a scalar scale and a 4-value zero point crashed
+    # the simulator in QParams.broadcast (exit 1).
+    from onnx_backend import InvalidModelError, quantize
+    from npu import Simulator
+
+    q = quantize(_base().base_model(), _ranges())
+    _node_of(q, "b2_DequantizeLinear").input[1] = "r1_scale"
+    with pytest.raises(InvalidModelError, match="zero point shape \\[4\\] differs from scale shape \\[\\]"):
+        Simulator(q, None)
+
+
 def test_cli_blames_an_invalid_model_for_a_crash(tmp_path):
     import argparse
 
