@@ -277,6 +277,14 @@ def infer_shapes(proto: onnx.ModelProto, *, data_prop: bool = False) -> onnx.Mod
     return onnx.shape_inference.infer_shapes(_skeleton(proto), strict_mode=False, data_prop=data_prop)
 
 
+def check_without_data(proto: onnx.ModelProto) -> None:
+    """What onnx.checker.check_model(full_check=True) checks, for less memory: the structure on
+    the model itself, then strict type and shape inference on the skeleton (full_check runs the
+    inference on a serialized copy of the whole model)."""
+    onnx.checker.check_model(proto)
+    onnx.shape_inference.infer_shapes(_skeleton(proto), check_type=True, strict_mode=True)
+
+
 def merge_inferred(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> onnx.ModelProto:
     """Copy inferred value_info and output types into `proto` (in place) and return it."""
     del proto.graph.value_info[:]

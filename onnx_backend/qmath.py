@@ -133,12 +133,14 @@ def weight_params(weight: np.ndarray, axis: int | None, *, min_scale: np.ndarray
     `min_scale` lets the caller widen scales so that the int32 bias stays in range.
     An all-zero channel gets scale 1 (any positive scale represents it exactly).
     """
-    w = np.asarray(weight, dtype=np.float64)
+    w = np.asarray(weight)
+    w = w if w.dtype in (np.float32, np.float64) else w.astype(np.float64)
+    # |w| and max are exact in the weight's own dtype: no float64 copy of a large weight
     if axis is None:
-        amax = np.asarray(np.max(np.abs(w)) if w.size else 0.0)
+        amax = np.asarray(np.max(np.abs(w)) if w.size else 0.0, dtype=np.float64)
     else:
         reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
-        amax = np.max(np.abs(w), axis=reduce_axes) if w.size else np.zeros(w.shape[axis])
+        amax = (np.max(np.abs(w), axis=reduce_axes) if w.size else np.zeros(w.shape[axis])).astype(np.float64)
     scale = np.where(amax > 0, amax / QType.INT8_NARROW.qmax, 1.0)
     scale = np.maximum(scale, min_scale)
     safe = _finite_codes(_safe_scale(scale), QType.INT8_NARROW.qmax)
@@ -176,9 +178,13 @@ def _broadcast(params: QuantParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
     """ONNX QuantizeLinear: saturate(round_half_to_even(x / scale) + zero_point)."""
     scale, zero = _broadcast(params, np.ndim(x))
+    # float32 is exact for 8-bit codes (|q| < 2**24 where it matters, saturation beyond) and
+    # halves the temporaries on large weights; int32 biases need float64.
+    work = np.float64 if params.qtype is QType.INT32 else np.float32
     with np.errstate(over="ignore"):  # x / scale beyond float32 is +-inf, which saturates
-        q = np.rint(np.asarray(x, dtype=np.float32) / scale) + zero.astype(np.float64)
-    return np.clip(q, params.qtype.qmin, params.qtype.qmax).astype(params.qtype.np_dtype)
+        q = np.asarray(np.rint(np.asarray(x, dtype=np.float32) / scale), dtype=work)
+        q += zero.astype(work)
+    return np.clip(q, params.qtype.qmin, params.qtype.qmax, out=q).astype(params.qtype.np_dtype)
 
 
 def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:

@@ -513,3 +513,20 @@ def test_consumed_input_gives_the_same_model():
     a, _ = quantize_with_report(_base().base_model(), _ranges())
     b, _ = quantize_with_report(_base().base_model(), _ranges(), consume_input=True)
     assert a.SerializeToString(deterministic=True) == b.SerializeToString(deterministic=True)
+
+
+@pytest.mark.parametrize("name", ["int_weights", "string_input", "unknown_op", "bad_attribute", "double_input", "huge_constant_of_shape", "wrong_op_type"])
+def test_check_without_data_catches_what_the_full_check_catches(name):
+    # The quantizer checks its output with check_without_data (the full check copied the
+    # model several times); it must refuse what onnx.checker's full check refuses.
+    from onnx_backend.model_io import check_without_data
+
+    m = _base().HOSTILE_MODELS[name]()
+    m.graph.initializer.append(numpy_helper.from_array(np.zeros((300, 300), np.float32), "big"))  # a skeleton stub
+    with pytest.raises(Exception):
+        onnx.checker.check_model(m, full_check=True)
+    with pytest.raises(Exception):
+        check_without_data(m)
+    good = _base().base_model()
+    good.graph.initializer.append(numpy_helper.from_array(np.zeros((300, 300), np.float32), "big"))
+    check_without_data(good)
