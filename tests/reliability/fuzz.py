@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -257,6 +258,14 @@ def m_shuffle_nodes(m, rng):
     return "nodes shuffled"
 
 
+def _array(t: onnx.TensorProto):
+    """The tensor's values, or None when an earlier mutation made them unreadable."""
+    try:
+        return onnx.numpy_helper.to_array(t)
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _qdq_params(m):
     """Initializers used as Q/DQ scale (input 1) or zero point (input 2)."""
     inits = {t.name: t for t in m.graph.initializer}
@@ -270,7 +279,10 @@ def m_qdq_scale(m, rng):
     if not scales:
         return "no-op"
     t = _pick(rng, scales)
-    a = onnx.numpy_helper.to_array(t).copy()
+    a = _array(t)
+    if a is None or a.size == 0:
+        return "no-op"
+    a = a.astype(np.float32)
     a.flat[int(rng.integers(a.size))] = _pick(rng, [0.0, -1.0, np.nan, np.inf, 1e-45, 3.4e38])
     t.CopyFrom(onnx.numpy_helper.from_array(a.astype(np.float32), t.name))
     return f"Q/DQ scale {t.name} -> {a.ravel()[:4]}"
@@ -281,7 +293,9 @@ def m_qdq_zero_point(m, rng):
     if not zeros:
         return "no-op"
     t = _pick(rng, zeros)
-    a = onnx.numpy_helper.to_array(t)
+    a = _array(t)
+    if a is None:
+        return "no-op"
     dtype = _pick(rng, [np.uint8, np.int32, np.float32, np.int16, np.int8])
     t.CopyFrom(onnx.numpy_helper.from_array(np.resize(a.astype(dtype), int(rng.integers(0, 4)) or a.shape), t.name))
     return f"Q/DQ zero point {t.name} -> {dtype.__name__}"
@@ -499,6 +513,8 @@ def check_output(cmd: str, outputs: list[Path], float_model: Path | None = None)
     if broken:
         return f"exit 0 but the output breaks the spec: {broken[0]}"
     why = _loads_in_onnxruntime(q)
+    if why is not None and re.search(r"NOT_IMPLEMENTED : Could not find an implementation for (Quantize|Dequantize)Linear\(\d+\)", why):
+        why = None  # onnxruntime 1.32 has no Q/DQ kernels at opset 28 (float ops it has): docs/RELIABILITY.md
     if why is not None and (float_model is None or _loads_in_onnxruntime(str(float_model)) is None):
         return f"exit 0 but onnxruntime cannot load the output (it loads the float model): {why}"
     return None
