@@ -23,6 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_backend import spec
+from onnx_backend.errors import InvalidModelError
 from onnx_backend.model_io import default_opset, load_model
 from onnx_backend.planner import clip_bounds
 
@@ -176,11 +177,17 @@ class QDQModel:
     # ---- Q / DQ ------------------------------------------------------------------------------------
 
     def qparams(self, node: ir.Node) -> QParams:
-        scale = self.const(node.inputs[1])
+        scale = self.const(node.inputs[1]) if len(node.inputs) > 1 else None
         if scale is None:
-            raise ValueError(f"{node.op_type} {node.name!r}: scale is not a constant")
+            raise InvalidModelError(f"{node.op_type} {node.name!r}: scale is not a constant")
+        if scale.dtype.kind != "f" or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            raise InvalidModelError(f"{node.op_type} {node.name!r}: scale must be positive and finite, got {np.ravel(scale)[:4]}")
         zero_value = node.inputs[2] if len(node.inputs) > 2 else None
         zero = self.const(zero_value) if zero_value is not None else None
+        if zero is not None and zero.dtype.kind not in "iu":
+            raise InvalidModelError(f"{node.op_type} {node.name!r}: zero point must be an integer tensor, got {zero.dtype}")
+        if zero is not None and zero.shape != scale.shape:
+            raise InvalidModelError(f"{node.op_type} {node.name!r}: zero point shape {list(zero.shape)} differs from scale shape {list(scale.shape)}")
         if zero is None:
             if node.op_type == "DequantizeLinear":
                 dtype = self.dtype(node.inputs[0]) or np.dtype(np.uint8)
@@ -191,6 +198,12 @@ class QDQModel:
         if scale.ndim == 1 and scale.size > 1:
             a = node.attributes.get("axis")
             axis = a.value if a is not None else 1
+            shape = node.inputs[0].shape if node.inputs and node.inputs[0] is not None else None
+            if shape is not None and shape.rank() is not None:
+                rank = shape.rank()
+                if not -rank <= axis < rank or (isinstance(shape[axis % rank], int) and shape[axis % rank] != scale.size):
+                    raise InvalidModelError(f"{node.op_type} {node.name!r}: axis {axis} does not fit {scale.size} scales on a tensor of shape {list(shape)}")
+                axis %= rank
         return QParams(np.asarray(scale, np.float32), np.asarray(zero).astype(np.int64), np.asarray(zero).dtype, axis)
 
     def dq_of(self, value: ir.Value | None) -> ir.Node | None:

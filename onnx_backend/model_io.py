@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import contextlib
+import heapq
+import math
 import os
 import shutil
 import tempfile
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
-from onnx import version_converter
+from onnx import TensorProto, helper, numpy_helper, version_converter
 
 from .errors import InvalidModelError, OutputPathError
 
@@ -33,11 +35,14 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def load_model(model: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.ModelProto:
-    """Load and sanity-check a model from a path, bytes or a ModelProto (which is copied)."""
+def load_model(model: onnx.ModelProto | bytes | str | os.PathLike, *, copy: bool = True) -> onnx.ModelProto:
+    """Load and sanity-check a model from a path, bytes or a ModelProto (which is copied, unless
+    `copy=False`: then it is checked, sorted if need be, and returned itself)."""
     if isinstance(model, onnx.ModelProto):
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model)
+        proto = model
+        if copy:
+            proto = onnx.ModelProto()
+            proto.CopyFrom(model)
         where = "the given ModelProto"
     elif isinstance(model, (bytes, bytearray)):
         proto = _parse(bytes(model), "the given bytes")
@@ -50,6 +55,7 @@ def load_model(model: onnx.ModelProto | bytes | str | os.PathLike) -> onnx.Model
         proto = _parse(path.read_bytes(), where)
         _load_external_data(proto, path)
     _check_structure(proto, where)
+    _sort_topologically(proto.graph)
     return proto
 
 
@@ -88,12 +94,23 @@ def _load_external_data(proto: onnx.ModelProto, path: Path) -> None:
 def _check_structure(proto: onnx.ModelProto, where: str) -> None:
     """Catch what would otherwise surface as a crash deep inside a pass."""
     graph = proto.graph
+    _check_text(graph, where)
+    _check_opset(proto, where)
+    _check_initializers(graph, where)
     known = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
     produced: dict[str, str] = {}
     for node in graph.node:
         for out in node.output:
-            if out:
-                produced[out] = node.name or node.op_type
+            if not out:
+                continue
+            if out in produced or out in known:
+                raise InvalidModelError(f"{where}: tensor {out!r} is written by more than one node (or is also an input/initializer), by {node.name or node.op_type!r}")
+            produced[out] = node.name or node.op_type
+    if not graph.output:
+        raise InvalidModelError(f"{where}: the graph has no outputs")
+    for out in graph.output:
+        if out.name not in produced and out.name not in known:
+            raise InvalidModelError(f"{where}: graph output {out.name!r} is not produced by any node")
     missing = []
     for node in graph.node:
         for name in node.input:
@@ -107,6 +124,92 @@ def _check_structure(proto: onnx.ModelProto, where: str) -> None:
         for d in dim_owner.type.tensor_type.shape.dim:
             if d.HasField("dim_value") and d.dim_value > 2**40:
                 raise InvalidModelError(f"{where}: {dim_owner.name!r} declares an enormous dimension ({d.dim_value})")
+
+
+def _check_text(graph: onnx.GraphProto, where: str) -> None:
+    """Names are UTF-8 text (protobuf hands invalid UTF-8 over as bytes, which onnx_ir cannot write)."""
+    strings = [s for n in graph.node for s in (n.name, n.op_type, n.domain, *n.input, *n.output)]
+    strings += [v.name for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer)]
+    bad = next((s for s in strings if not isinstance(s, str)), None)
+    if bad is not None:
+        raise InvalidModelError(f"{where}: the name {bad!r} is not valid UTF-8 text")
+
+
+def _check_opset(proto: onnx.ModelProto, where: str) -> None:
+    version, newest = default_opset(proto), onnx.defs.onnx_opset_version()
+    if version > newest:
+        raise InvalidModelError(f"{where}: opset {version} is newer than the newest this onnx knows ({newest})")
+
+
+# Sub-byte element types are packed; their sizes are left to onnx's own decoder.
+_PACKED = {getattr(TensorProto, n) for n in ("UINT4", "INT4", "FLOAT4E2M1", "UINT2", "INT2", "FLOAT6E2M3", "FLOAT6E3M2") if hasattr(TensorProto, n)}
+
+
+def _check_initializers(graph: onnx.GraphProto, where: str) -> None:
+    """Every stored tensor holds exactly the data its type and dims declare.
+
+    A lying initializer (dims of 2**80, raw bytes cut short, a type that does not match the
+    bytes) otherwise crashes numpy deep inside the planner or the validator.
+    """
+    for t in graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            continue  # sized by onnx when the external data is read
+        if any(d < 0 for d in t.dims):
+            raise InvalidModelError(f"{where}: initializer {t.name!r} has a negative dimension {list(t.dims)}")
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+            field = helper.tensor_dtype_to_field(t.data_type)
+        except Exception:
+            raise InvalidModelError(f"{where}: initializer {t.name!r} has unknown element type {t.data_type}") from None
+        n = math.prod(t.dims)
+        if t.data_type in _PACKED:
+            try:
+                numpy_helper.to_array(t)
+            except Exception as exc:
+                raise InvalidModelError(f"{where}: initializer {t.name!r} is corrupt: {exc}") from None
+            continue
+        if t.data_type == TensorProto.STRING:
+            have, want, unit = len(t.string_data), n, "strings"
+        elif t.HasField("raw_data"):
+            have, want, unit = len(t.raw_data), n * itemsize, "bytes"
+        else:
+            per = 2 if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) else 1
+            have, want, unit = len(getattr(t, field)), n * per, "values"
+        if have != want:
+            kind = TensorProto.DataType.Name(t.data_type).lower()
+            raise InvalidModelError(f"{where}: initializer {t.name!r} declares {kind} of shape {list(t.dims)} ({want} {unit}) but holds {have}")
+
+
+def _sort_topologically(graph: onnx.GraphProto) -> None:
+    """Put the nodes in topological order (ONNX requires it; shape inference and the optimizer
+    assume it), keeping the given order where it already is one. The graph is known acyclic."""
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    deps = [{producer[x] for x in n.input if x in producer} for n in graph.node]
+    if all(d < i for i, ds in enumerate(deps) for d in ds):
+        return
+    users: list[list[int]] = [[] for _ in graph.node]
+    for i, ds in enumerate(deps):
+        for d in ds:
+            users[d].append(i)
+    waiting = [len(ds) for ds in deps]
+    ready = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    nodes = [graph.node[i] for i in order]
+    copies = []
+    for n in nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        copies.append(c)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _check_acyclic(graph: onnx.GraphProto, where: str) -> None:
@@ -131,6 +234,65 @@ def _check_acyclic(graph: onnx.GraphProto, where: str) -> None:
                 raise InvalidModelError(f"{where}: the graph has a cycle through node {graph.node[p].name or graph.node[p].op_type!r}")
             state[p] = 1
             stack.append((p, iter(graph.node[p].input)))
+
+
+# Initializers larger than this are left out of shape inference (it needs their dims and type,
+# not their values; data propagation reads only small shape tensors).
+INFERENCE_DATA_LIMIT = 1 << 16
+
+
+def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` without the data of its large initializers (dims and type kept, marked external)."""
+    skeleton = onnx.ModelProto()
+    graph = proto.graph
+    kept_graph = onnx.GraphProto()
+    kept_graph.name = graph.name
+    for field in ("node", "input", "output", "value_info", "sparse_initializer"):
+        getattr(kept_graph, field).extend(getattr(graph, field))
+    for t in graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL and t.ByteSize() > INFERENCE_DATA_LIMIT:
+            stub = kept_graph.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            stub.data_location = TensorProto.EXTERNAL
+            stub.external_data.add(key="location", value="torchq-shape-inference-stub")
+        else:
+            kept_graph.initializer.append(t)
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
+        setattr(skeleton, field, getattr(proto, field))
+    skeleton.opset_import.extend(proto.opset_import)
+    skeleton.functions.extend(proto.functions)
+    skeleton.graph.CopyFrom(kept_graph)
+    return skeleton
+
+
+def infer_shapes(proto: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto:
+    """onnx's shape inference (strict_mode=False) run on a skeleton of `proto` without its large
+    initializers' data; returns that skeleton, with the inferred value_info and output types.
+
+    onnx.shape_inference.infer_shapes serializes the whole model into C++ and back, so on a
+    440 MB model it held three extra copies at once (1.2 GB, the largest step of quantizing
+    ConvNeXt-B; bench/scale.py). Use `merge_inferred` to copy the result into a model you own.
+    """
+    return onnx.shape_inference.infer_shapes(_skeleton(proto), strict_mode=False, data_prop=data_prop)
+
+
+def check_without_data(proto: onnx.ModelProto) -> None:
+    """What onnx.checker.check_model(full_check=True) checks, for less memory: the structure on
+    the model itself, then strict type and shape inference on the skeleton (full_check runs the
+    inference on a serialized copy of the whole model)."""
+    onnx.checker.check_model(proto)
+    onnx.shape_inference.infer_shapes(_skeleton(proto), check_type=True, strict_mode=True)
+
+
+def merge_inferred(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy inferred value_info and output types into `proto` (in place) and return it."""
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(inferred.graph.value_info)
+    for out, typed in zip(proto.graph.output, inferred.graph.output):
+        if out.name == typed.name:
+            out.type.CopyFrom(typed.type)
+    return proto
 
 
 def upgrade_opset(proto: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.ModelProto:

@@ -100,10 +100,43 @@ REWRITE_RULES = [
 ]
 
 
+def register_orphan_constants(model: ir.Model) -> None:
+    """Register constant values that nodes read but the graph does not own as initializers.
+
+    onnxscript 0.7.2 folds two Flattens of one tensor into Reshapes whose shape constants both
+    want the name '<x>/shape'; the second is renamed '<x>/shape_1' but never registered, so the
+    serialized model reads a tensor nothing provides.
+    """
+    graph = model.graph
+    for node in graph:
+        for v in node.inputs:
+            if v is not None and v.producer() is None and v.const_value is not None and not v.is_graph_input() and not v.is_initializer() and v.graph is None:
+                graph.register_initializer(v)
+
+
+def release_matcher_state() -> None:
+    """Drop what onnxscript's pattern matchers remember of their last match.
+
+    onnxscript 0.7.2 keeps the last match (its nodes, values and graph) on the rule objects,
+    which are module-level, so the last optimized model stayed in memory after optimization:
+    420 MB for ConvNeXt-B (bench/scale.py). The matchers set these again before each match.
+    """
+    rules = [*getattr(rewriter, "_DEFAULT_REWRITE_RULES", ()), *REWRITE_RULES]
+    for rule in rules:
+        matcher = getattr(rule, "_matcher", None)
+        for attr in ("_graph", "_current_node", "_match"):
+            if matcher is not None and attr in vars(matcher):
+                setattr(matcher, attr, None)
+
+
 def optimize_ir(model: ir.Model) -> ir.Model:
     """Optimize an onnx_ir model in place and return it."""
-    onnxscript.optimizer.optimize_ir(model, num_iterations=3)
-    rewriter.rewrite(model, pattern_rewrite_rules=REWRITE_RULES)
+    try:
+        onnxscript.optimizer.optimize_ir(model, num_iterations=3)
+        register_orphan_constants(model)
+        rewriter.rewrite(model, pattern_rewrite_rules=REWRITE_RULES)
+    finally:
+        release_matcher_state()
     common_passes.IdentityEliminationPass()(model)
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.TopologicalSortPass()(model)

@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from . import qmath, spec
+from .errors import InvalidModelError
 from .qmath import QuantParams
 
 Supports = Callable[[ir.Node], tuple[bool, str]]
@@ -82,6 +83,16 @@ def _const_array(v: ir.Value | None) -> np.ndarray | None:
     return None if t is None else t.numpy()
 
 
+def _output_channels(op_type: str, attrs: dict, w_shape: tuple[int, ...]) -> int:
+    if op_type == "Conv":
+        return w_shape[0]
+    if op_type == "Gemm":
+        return w_shape[0] if attrs.get("transB", 0) else w_shape[1]
+    if op_type == "ConvTranspose":
+        return w_shape[1] * attrs.get("group", 1)
+    return w_shape[-1]  # MatMul
+
+
 def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
     """(min, max) of a Relu or a Clip with constant bounds; None otherwise."""
     if node.op_type == "Relu":
@@ -90,9 +101,9 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
         return None
     lo = _const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else np.float32(-np.inf)
     hi = _const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.float32(np.inf)
-    if lo is None or hi is None:
+    if lo is None or hi is None or np.size(lo) != 1 or np.size(hi) != 1:  # Clip bounds are scalars
         return None
-    return float(lo), float(hi)
+    return float(np.ravel(lo)[0]), float(np.ravel(hi)[0])
 
 
 class Planner:
@@ -230,8 +241,9 @@ class Planner:
             source = self._activation_params_of(x)
             if source is not None:
                 return source
-            if x is not None and x.const_value is not None and node.op_type == "Gather":
-                return self._constant_params(_const_array(x))
+            arr = _const_array(x)
+            if arr is not None and arr.size and np.all(np.isfinite(arr)):
+                return self._constant_params(arr)  # what _plan_constants gives the constant input
         if rule.all_inputs_share_scale and out.name not in self.ranges:
             ins = [self.ranges.get(i.name) for i in node.inputs if i is not None and is_float_activation(i)]
             if ins and all(r is not None for r in ins):
@@ -315,13 +327,15 @@ class Planner:
             w = _const_array(node.inputs[w_idx]) if w_idx is not None and w_idx < len(node.inputs) else None
             if w is not None and w.dtype == np.float32 and w.ndim >= 2:
                 self._plan_weight(node, rule, w)
-            self._plan_constants(node)
+            elif w is not None:  # a constant weight input that cannot take the weight rule
+                self._keep_float(node, f"its constant weight is not a float32 matrix ({w.dtype}, rank {w.ndim})")
+            if self.runs_int8(node):  # _plan_weight may have kept it in float
+                self._plan_constants(node)
 
     def _plan_weight(self, node: ir.Node, rule: spec.OpRule, w: np.ndarray) -> None:
         in_scale = self._input_scale(node)
         if in_scale is None:
-            self.plan.float_nodes[node.name] = "its input activation is not quantized, so its weights stay float"
-            self.int8[id(node)] = False
+            self._keep_float(node, "its input activation is not quantized, so its weights stay float")
             return
         attrs = {k: a.value for k, a in node.attributes.items()}
         axis = spec.weight_axis(node.op_type, attrs, w.shape) if self.per_channel else None
@@ -332,21 +346,40 @@ class Planner:
         elif node.op_type == "MatMul" and w.ndim == 2:
             bias_at = self._matmul_bias(node, w.shape[-1])
         bias = _const_array(bias_at[0].inputs[bias_at[1]]) if bias_at else None
+        if bias_at is not None and bias_at[0] is node and (bias is None or bias.ndim != 1 or bias.dtype != np.float32):
+            self._keep_float(node, "its bias is not a constant float32 vector, so it cannot become an int32 bias")
+            return
         if bias is not None and (bias.ndim != 1 or bias.dtype != np.float32):
             bias_at, bias = None, None
+        if not np.all(np.isfinite(w)) or (bias is not None and not np.all(np.isfinite(bias))):
+            self._keep_float(node, "its weight or bias holds Inf/NaN")
+            return
         min_scale = 0.0
+        n_out = _output_channels(node.op_type, attrs, w.shape)
+        if bias is not None and bias.shape[0] != n_out:  # ONNX's checker does not catch this
+            raise InvalidModelError(f"node {node.name!r}: its bias has {bias.shape[0]} values for {n_out} output channels")
         if bias is not None:
             per_out = qmath.min_weight_scale_for_bias(bias, in_scale)
             min_scale = self._bias_to_weight_channels(per_out, node, w, axis)
-        wp = qmath.weight_params(w, axis, min_scale=min_scale)
+        try:
+            wp = qmath.weight_params(w, axis, min_scale=min_scale)
+            bp = self._bias_params(in_scale, wp, node, w, bias.shape[0]) if bias is not None else None
+        except qmath.ScaleOverflowError as exc:
+            self._keep_float(node, f"kept in float: {exc}")
+            return
         self.plan.constants.append(ConstantQuant(node.name, rule.weight_input, wp, "weight"))
         if bias is not None:
-            bp = self._bias_params(in_scale, wp, node, w, bias.shape[0])
             self.plan.constants.append(ConstantQuant(bias_at[0].name, bias_at[1], bp, "bias"))
             if bias_at[0] is not node:  # MatMul + Add: the MatMul output is the accumulator
                 self.plan.activations.pop(node.outputs[0].name, None)
                 self.biases_of_matmul[node.name] = bias_at
                 self.plan.float_tensors.pop(node.outputs[0].name, None)
+
+    def _keep_float(self, node: ir.Node, why: str) -> None:
+        self.plan.float_nodes[node.name] = why
+        self.int8[id(node)] = False
+        if node.name in self.plan.int8_nodes:
+            self.plan.int8_nodes.remove(node.name)
 
     def _bias_to_weight_channels(self, per_out: np.ndarray, node: ir.Node, w: np.ndarray, axis: int | None):
         if axis is None:

@@ -15,6 +15,11 @@ import numpy as np
 # normal float32 (>= 2**-126) and the requantization multiplier stays representable.
 MIN_SCALE = float(2.0**-63)
 INT32_MAX = 2**31 - 1
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+class ScaleOverflowError(ValueError):
+    """No float32 scale satisfies the constraints (an int32 bias too large for its input scale)."""
 
 
 class QType(Enum):
@@ -80,7 +85,22 @@ class QuantParams:
 
 def _safe_scale(scale: np.ndarray | float) -> np.ndarray:
     scale = np.asarray(scale, dtype=np.float64)
-    return np.maximum(scale, MIN_SCALE).astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused by the callers' checks
+        return np.maximum(scale, MIN_SCALE).astype(np.float32)
+
+
+def _finite_codes(scale: np.ndarray, reach: int) -> np.ndarray:
+    """`scale`, lowered where reach x scale would exceed float32 max.
+
+    DequantizeLinear computes (q - zero_point) x scale in float32, so a range reaching float32
+    max would turn its outermost codes (|q - zero_point| = reach) into inf. Only ranges within
+    a factor 2 of float32 max are affected; their round trip error grows to at most one step.
+    """
+    cap = F32_MAX / reach
+    cap32 = np.float32(cap)
+    if float(cap32) > cap:
+        cap32 = np.nextafter(cap32, np.float32(0))
+    return np.minimum(np.asarray(scale, np.float32), cap32)
 
 
 def activation_params(lo: float, hi: float, *, symmetric: bool = False, qtype: QType = QType.INT8) -> QuantParams:
@@ -98,11 +118,12 @@ def activation_params(lo: float, hi: float, *, symmetric: bool = False, qtype: Q
     if symmetric and lo < 0:
         a = max(-lo, hi)
         half = (qmax - qmin) // 2  # 127 for int8: [-a, a] -> [-127, 127]
-        scale = _safe_scale(a / half)
         zero = (qmin + qmax + 1) // 2  # 0 for int8, 128 for uint8
+        scale = _finite_codes(_safe_scale(a / half), zero - qmin)
         return QuantParams(scale, np.asarray(zero), qtype)
     scale = _safe_scale((hi - lo) / (qmax - qmin))
     zero = np.clip(np.round(qmin - lo / np.float64(scale)), qmin, qmax)
+    scale = _finite_codes(scale, int(max(qmax - zero, zero - qmin)))
     return QuantParams(scale, zero, qtype)
 
 
@@ -112,21 +133,32 @@ def weight_params(weight: np.ndarray, axis: int | None, *, min_scale: np.ndarray
     `min_scale` lets the caller widen scales so that the int32 bias stays in range.
     An all-zero channel gets scale 1 (any positive scale represents it exactly).
     """
-    w = np.asarray(weight, dtype=np.float64)
+    w = np.asarray(weight)
+    w = w if w.dtype in (np.float32, np.float64) else w.astype(np.float64)
+    # |w| and max are exact in the weight's own dtype: no float64 copy of a large weight
     if axis is None:
-        amax = np.asarray(np.max(np.abs(w)) if w.size else 0.0)
+        amax = np.asarray(np.max(np.abs(w)) if w.size else 0.0, dtype=np.float64)
     else:
         reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
-        amax = np.max(np.abs(w), axis=reduce_axes) if w.size else np.zeros(w.shape[axis])
+        amax = (np.max(np.abs(w), axis=reduce_axes) if w.size else np.zeros(w.shape[axis])).astype(np.float64)
     scale = np.where(amax > 0, amax / QType.INT8_NARROW.qmax, 1.0)
     scale = np.maximum(scale, min_scale)
-    return QuantParams(_safe_scale(scale), np.zeros_like(scale, dtype=np.int8), QType.INT8_NARROW, axis)
+    safe = _finite_codes(_safe_scale(scale), QType.INT8_NARROW.qmax)
+    if np.any(safe < scale * (1 - 1e-6)):  # lowered by more than float32 rounding: min_scale unmet
+        raise ScaleOverflowError("no float32 weight scale keeps the int32 bias in range (bias too large for the input scale)")
+    return QuantParams(safe, np.zeros_like(safe, dtype=np.int8), QType.INT8_NARROW, axis)
 
 
 def bias_params(input_scale: float, weight: QuantParams) -> QuantParams:
-    """int32 bias: zero point 0, scale = input scale x weight scale (per channel when the weight is)."""
-    scale = np.float32(input_scale) * weight.scale.astype(np.float32)
-    return QuantParams(_safe_scale(scale), np.zeros_like(scale, dtype=np.int32), QType.INT32, weight.axis if weight.per_channel else None)
+    """int32 bias: zero point 0, scale = input scale x weight scale (per channel when the weight is).
+
+    Exactly that product, never clamped: both factors are >= MIN_SCALE, so it is a normal float32.
+    """
+    with np.errstate(over="ignore"):
+        scale = np.float32(input_scale) * weight.scale.astype(np.float32)
+    if not np.all(np.isfinite(scale)):
+        raise ScaleOverflowError(f"bias scale = input scale {input_scale:g} x weight scale overflows float32")
+    return QuantParams(scale, np.zeros_like(scale, dtype=np.int32), QType.INT32, weight.axis if weight.per_channel else None)
 
 
 def min_weight_scale_for_bias(bias: np.ndarray, input_scale: float) -> np.ndarray:
@@ -146,8 +178,13 @@ def _broadcast(params: QuantParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
 def quantize(x: np.ndarray, params: QuantParams) -> np.ndarray:
     """ONNX QuantizeLinear: saturate(round_half_to_even(x / scale) + zero_point)."""
     scale, zero = _broadcast(params, np.ndim(x))
-    q = np.rint(np.asarray(x, dtype=np.float32) / scale) + zero.astype(np.float64)
-    return np.clip(q, params.qtype.qmin, params.qtype.qmax).astype(params.qtype.np_dtype)
+    # float32 is exact for 8-bit codes (|q| < 2**24 where it matters, saturation beyond) and
+    # halves the temporaries on large weights; int32 biases need float64.
+    work = np.float64 if params.qtype is QType.INT32 else np.float32
+    with np.errstate(over="ignore"):  # x / scale beyond float32 is +-inf, which saturates
+        q = np.asarray(np.rint(np.asarray(x, dtype=np.float32) / scale), dtype=work)
+        q += zero.astype(work)
+    return np.clip(q, params.qtype.qmin, params.qtype.qmax, out=q).astype(params.qtype.np_dtype)
 
 
 def dequantize(q: np.ndarray, params: QuantParams) -> np.ndarray:

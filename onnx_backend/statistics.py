@@ -31,9 +31,17 @@ class NonFiniteError(ValueError):
     """Calibration data holds NaN or Inf."""
 
 
+def bin_of(v: float, exponent: int) -> int:
+    """Index of the bin holding `v`: floor(v / 2**exponent).
+
+    A negative value so small that v / 2**exponent underflows to -0.0 still lies in bin -1.
+    """
+    k = math.floor(math.ldexp(v, -exponent))
+    return -1 if k == 0 and v < 0 else k
+
+
 def _spans(lo: float, hi: float, e: int) -> int:
-    w = math.ldexp(1.0, -e)
-    return math.floor(hi * w) - math.floor(lo * w) + 1
+    return bin_of(hi, e) - bin_of(lo, e) + 1
 
 
 def required_exponent(lo: float, hi: float, max_bins: int) -> int:
@@ -68,11 +76,14 @@ def realign(counts: np.ndarray, offset: int, new_offset: int, length: int) -> np
 
 def bin_batch(x: np.ndarray, exponent: int, lo: float | None = None) -> tuple[np.ndarray, int]:
     """Counts of x in bins of width 2**exponent, and the index of the first bin (lo: x's minimum)."""
-    # Scaling by a power of two is exact in float32 and float64, so floor() gives the same bin
-    # indices here and in the torch observer.
+    # Scaling by a power of two is exact in float32 and float64 (unless it underflows), so floor()
+    # gives the same bin indices here and in the torch observer.
     scaled = x * x.dtype.type(math.ldexp(1.0, -exponent))
+    underflow = (scaled == 0) & (x < 0) if exponent > 0 else None  # only then: see bin_of
     np.floor(scaled, out=scaled)
-    first = math.floor((float(x.min()) if lo is None else lo) * math.ldexp(1.0, -exponent))
+    if underflow is not None:
+        scaled[underflow] = -1
+    first = bin_of(float(x.min()) if lo is None else lo, exponent)
     # floor(x * w) - first is exact in float: either every value is small, or all lie within a
     # factor of two of `first` (Sterbenz) -- so the one integer conversion happens last.
     scaled -= scaled.dtype.type(first)
@@ -103,16 +114,15 @@ class TensorStatistics:
         """Bin edges, len(counts) + 1 of them."""
         return np.arange(self.offset, self.offset + self.counts.size + 1, dtype=np.float64) * self.bin_width
 
-    def _widen_to(self, lo: float, hi: float) -> None:
-        """Coarsen and extend the bins so that [lo, hi] fits (lo <= self.min, hi >= self.max)."""
+    def _widened(self, lo: float, hi: float) -> tuple[int, int, np.ndarray]:
+        """Exponent, first bin and a fresh copy of the counts, re-binned so that [lo, hi] fits
+        (lo <= self.min, hi >= self.max). `self` is not changed."""
         e = required_exponent(lo, hi, self.max_bins)
-        w = math.ldexp(1.0, -e)
-        first, last = math.floor(lo * w), math.floor(hi * w)
+        first, last = bin_of(lo, e), bin_of(hi, e)
         if self.empty:
-            self.exponent, self.offset, self.counts = e, first, np.zeros(last - first + 1, dtype=np.int64)
-            return
+            return e, first, np.zeros(last - first + 1, dtype=np.int64)
         counts, offset = coarsen(self.counts, self.offset, e - self.exponent)
-        self.exponent, self.offset, self.counts = e, first, realign(counts, offset, first, last - first + 1)
+        return e, first, realign(counts, offset, first, last - first + 1)
 
     def update(self, x: np.ndarray) -> None:
         """Fold a batch into the statistics. Raises NonFiniteError on NaN/Inf."""
@@ -128,12 +138,18 @@ class TensorStatistics:
         self.add_counts(lo, hi, x.size, counts, first, e)
 
     def add_counts(self, lo: float, hi: float, n: int, counts: np.ndarray, first: int, exponent: int) -> None:
-        """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`."""
-        self._widen_to(min(lo, self.min), max(hi, self.max))
-        counts, first = coarsen(np.asarray(counts, dtype=np.int64), first, self.exponent - exponent)
-        start = first - self.offset
-        self.counts[start : start + counts.size] += counts
-        self.min, self.max, self.count = min(lo, self.min), max(hi, self.max), self.count + n
+        """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`.
+
+        Builds a new counts array and never writes into the current one, so a shallow copy
+        (dataclasses.replace) of these statistics can be updated without touching the original.
+        """
+        new_lo, new_hi = min(lo, self.min), max(hi, self.max)
+        e, offset, total = self._widened(new_lo, new_hi)
+        counts, first = coarsen(np.asarray(counts, dtype=np.int64), first, e - exponent)
+        start = first - offset
+        total[start : start + counts.size] += counts
+        # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
+        self.exponent, self.offset, self.counts, self.min, self.max, self.count = e, offset, total, new_lo, new_hi, self.count + n
 
     def merge(self, other: TensorStatistics) -> TensorStatistics:
         """Fold another statistics object of the same tensor into this one (exact)."""

@@ -77,8 +77,10 @@ class GraphView:
         self.inputs = {i.name for i in g.input}
 
     def qparams(self, node: onnx.NodeProto) -> QParams:
-        scale = self.consts.get(node.input[1])
-        zero = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros_like(scale, dtype=np.uint8)
+        scale = self.consts.get(node.input[1]) if len(node.input) > 1 else None  # missing: reported as a bad scale
+        zero = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if zero is None:
+            zero = np.zeros_like(scale, dtype=np.uint8) if scale is not None else np.zeros((), np.uint8)
         axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale is not None and scale.ndim == 1 else None
         return QParams(np.asarray(scale, np.float32) if scale is not None else np.array(np.nan), np.asarray(zero), axis, node.name)
 
@@ -212,7 +214,11 @@ def _biases(view: GraphView) -> list[Violation]:
         if in_dq is None:
             out.append(Violation("bias", n.name, "input is not quantized, so the bias scale is undefined"))
             continue
-        want = view.qparams(in_dq).scale * wp.scale
+        in_scale = view.qparams(in_dq).scale
+        if in_scale.size != 1:
+            out.append(Violation("bias", n.name, "input is not per-tensor quantized, so the bias scale is undefined"))
+            continue
+        want = in_scale * wp.scale
         if n.op_type == "ConvTranspose" and want.size != bp.scale.size and bp.scale.size % max(want.size, 1) == 0:
             want = np.tile(want, bp.scale.size // want.size)
         if want.size not in (1, bp.scale.size) or not np.allclose(bp.scale, want, rtol=1e-6, atol=0):

@@ -15,7 +15,7 @@ from onnx_backend.errors import CalibrationError
 
 from .config import QuantConfig, make_config
 from .export import export_with_report
-from .prepare import prepare, unprepare
+from .prepare import is_prepared, prepare, session_of, unprepare
 
 
 def positional_arity(model: torch.nn.Module) -> int | None:
@@ -57,6 +57,15 @@ def _to_device(obj, device):
     return obj
 
 
+def _length(data) -> int | None:
+    """len(data) for the progress bar, or None: a wrapper may define __len__ around an iterable
+    that has none (a generator), and len() then raises TypeError."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
 def calibrate(model: torch.nn.Module, calibration_data: Iterable, *, max_batches: int | None = None, quiet: bool | None = None) -> int:
     """Run calibration items through a prepared model (eval mode, no grad). Returns the count."""
     arity = positional_arity(model)
@@ -65,7 +74,7 @@ def calibrate(model: torch.nn.Module, calibration_data: Iterable, *, max_batches
     except StopIteration:
         device = torch.device("cpu")
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
-    total = max_batches if max_batches is not None else (len(calibration_data) if hasattr(calibration_data, "__len__") else None)
+    total = max_batches if max_batches is not None else _length(calibration_data)
     was_training = model.training
     model.eval()
     n = 0
@@ -77,6 +86,10 @@ def calibrate(model: torch.nn.Module, calibration_data: Iterable, *, max_batches
                 args, kwargs = split_batch(batch, arity)
                 model(*_to_device(args, device), **_to_device(kwargs, device))
                 n += 1
+    except BaseException:
+        if is_prepared(model):
+            session_of(model)[0].abort_forward()  # Ctrl-C mid-forward: leave the capture mode now
+        raise
     finally:
         model.train(was_training)
     if n == 0:

@@ -149,6 +149,8 @@ class CaptureSession:
         if self.phase is Phase.PAUSED:
             return None
         path = self.module_paths.get(id(module), "?") or ROOT_PATH
+        if module is self.model and self.stack:
+            self.abort_forward()  # a KeyboardInterrupt ended the last forward before its hooks ran
         entering = not self.stack
         if entering:
             self._enter_model()
@@ -170,6 +172,11 @@ class CaptureSession:
             if self.phase is Phase.OBSERVE:
                 self.batches += 1
         return None
+
+    def abort_forward(self) -> None:
+        """Leave a forward pass that ended without its hooks: PyTorch runs always_call hooks
+        on an Exception only, so a KeyboardInterrupt would leave the capture mode active."""
+        self._leave_model()
 
     def _enter_model(self) -> None:
         self.call_counts.clear()

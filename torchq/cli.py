@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 import traceback
+import warnings
 
 from onnx_backend.errors import TorchqError
+
+# Libraries whose warnings (about models they cannot fold, say) would otherwise reach stderr
+# through logging's last-resort handler, around torchq's own one-line messages.
+QUIET_LOGGERS = ("onnxscript", "onnx_ir")
 
 # Order here is the order in `torchq --help`.
 COMMANDS = ("quantize", "quantize_onnx", "calibrate", "check", "simulate", "compare", "report", "validate")
@@ -64,19 +71,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """The error on one line: several problems (e.g. recipe keys) are joined with '; '."""
+    return "; ".join(ln.strip() for ln in str(exc).splitlines() if ln.strip()) or type(exc).__name__
+
+
+def invalid_model_input(args) -> str | None:
+    """Why the command's input model is not valid ONNX (load checks, then onnx.checker), or None.
+
+    Only asked after an unexpected exception, so valid models pay nothing; an exception on a
+    model that passes both checks stays an internal error (exit 1): that is a torchq bug.
+    """
+    path = getattr(args, "model", None)
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    import onnx
+
+    from onnx_backend.model_io import load_model
+
+    try:
+        onnx.checker.check_model(load_model(path), full_check=True)
+    except TorchqError as exc:
+        return one_line(exc)
+    except Exception as exc:  # noqa: BLE001 -- onnx raises several types
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        return f"{path}: not valid ONNX (onnx.checker): {first}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
+    if not args.debug:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        # numpy's overflow / divide warnings (a float op on extreme data) are not actionable here
+        warnings.filterwarnings("ignore", category=RuntimeWarning)
     try:
         result = args.run(args)
         return EXIT_OK if result is None else int(result)
     except TorchqError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"torchq {args.command}: error: {exc}", file=sys.stderr)
+        print(f"torchq {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"torchq {args.command}: interrupted; nothing was written", file=sys.stderr)
@@ -84,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             traceback.print_exc()
-        else:
+        invalid = invalid_model_input(args)
+        if invalid is not None:  # the input broke a pass: say so, instead of "internal error"
+            print(f"torchq {args.command}: error: {invalid}", file=sys.stderr)
+            return EXIT_USAGE
+        if not args.debug:
             print(f"torchq {args.command}: internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
 

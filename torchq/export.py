@@ -229,6 +229,7 @@ def export_float_with_markers(
         raise TorchqError(f"torch.onnx.export ({'dynamo' if dynamo else 'TorchScript'} exporter) failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''} -- try {other}") from exc
     finally:
         session.marker = None
+        session.abort_forward()  # a no-op after a clean export; after Ctrl-C it leaves the capture mode
         model.train(was_training)
 
 
@@ -265,7 +266,7 @@ def choose_ranges(stats: Mapping[str, TensorStatistics], source: Mapping[str, st
 class _Calibrated:
     """The float export with markers stripped, and everything bound to its tensors."""
 
-    model: ir.Model
+    model: ir.Model | None  # released once serialized, to keep one float model in memory
     bindings: dict[str, list[str]]
     ranges: dict[str, tuple[float, float]]
     float_tensors: set[str]
@@ -329,15 +330,18 @@ def export_with_report(
     _, config = session_of(model)
     options = dict(input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes)
     c = _export_and_bind(model, example_inputs, kwargs, dynamo, options)
+    float_proto, c.model = ir.serde.serialize_model(c.model), None  # drop the exporter's copy now
     qmodel, backend_report = quantize_with_report(
-        ir.serde.serialize_model(c.model),
+        float_proto,
         c.ranges,
         per_channel=config.per_channel,
         target=config.target,
         exclude_tensors=c.float_tensors,
         opset=config.opset,
         activation_dtype=config.activation_dtype,
+        consume_input=True,  # ours: reused, not copied
     )
+    del float_proto
     for tensor, keys in c.bindings.items():
         if tensor in backend_report.float_tensors and any(k in c.mismatched for k in keys):
             backend_report.float_tensors[tensor] = f"calibration and export took different code paths at {keys[0]!r}; its statistics were not used"

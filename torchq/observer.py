@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from onnx_backend.statistics import NonFiniteError, TensorStatistics, required_exponent
+from onnx_backend.statistics import NonFiniteError, TensorStatistics, bin_of, required_exponent
 
 
 class Observer:
@@ -36,7 +36,7 @@ class Observer:
     def update(self, x: torch.Tensor) -> None:
         if x.numel() == 0:
             return
-        self.ndim = x.dim()
+        ndim = x.dim()
         x = x.detach()
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()  # exact
@@ -45,17 +45,21 @@ class Observer:
         lo, hi = (float(v) for v in torch.stack(torch.aminmax(x)).tolist())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise NonFiniteError(self.key)
-        new_lo, new_hi = min(lo, self.min), max(hi, self.max)
+        new_lo, new_hi, n = min(lo, self.min), max(hi, self.max), x.numel()
         e = required_exponent(new_lo, new_hi, self.max_bins)
-        w = math.ldexp(1.0, -e)
-        first, last = math.floor(new_lo * w), math.floor(new_hi * w)
-        # Scaling by a power of two is exact, so these are the numpy path's bin indices.
-        index = torch.floor(x.reshape(-1) * w).to(torch.int64) - first
+        first, last = bin_of(new_lo, e), bin_of(new_hi, e)
+        # Scaling by a power of two is exact (unless it underflows), so these are the numpy
+        # path's bin indices (onnx_backend.statistics.bin_batch, with the same underflow fix).
+        flat = x.reshape(-1)
+        scaled = flat * math.ldexp(1.0, -e)
+        index = torch.floor(scaled).to(torch.int64)
+        if e > 0:
+            index = torch.where((scaled == 0) & (flat < 0), -1, index)
+        index = index - first
         batch = torch.bincount(index, minlength=last - first + 1)
         counts = batch if self.counts is None else batch + self._rebinned(e, first, last - first + 1, x.device)
-        # commit all at once, so an interrupted update leaves the previous state intact
-        self.counts, self.exponent, self.offset = counts, e, first
-        self.min, self.max, self.count = new_lo, new_hi, self.count + x.numel()
+        # One statement, no call in it: an interrupted update leaves the previous state intact.
+        self.counts, self.exponent, self.offset, self.min, self.max, self.count, self.ndim = counts, e, first, new_lo, new_hi, self.count + n, ndim
 
     def _rebinned(self, e: int, first: int, length: int, device) -> torch.Tensor:
         shift = e - self.exponent

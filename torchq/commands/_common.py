@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,10 +54,15 @@ def iter_samples(data: str, input_names: list[str], batch_size: int = 1, max_sam
     count = 0
     if path.is_file():
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            loaded = np.load(path, allow_pickle=False)
+            if not isinstance(loaded, np.lib.npyio.NpzFile):
+                raise ValueError("one array, not an .npz archive; for single-array samples pass a folder of .npy files")
+            with loaded as npz:
                 arrays = _by_input(dict(npz.items()), input_names, str(path))
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise CalibrationError(f"{path}: not a readable .npz file ({exc})") from None
+        if any(a.ndim == 0 for a in arrays):
+            raise CalibrationError(f"{path}: arrays must hold the samples along axis 0; got a scalar")
         n = len(arrays[0])
         if any(len(a) != n for a in arrays):
             raise CalibrationError(f"{path}: arrays hold different numbers of samples")
@@ -80,7 +86,7 @@ def iter_samples(data: str, input_names: list[str], batch_size: int = 1, max_sam
             else:
                 with np.load(f, allow_pickle=False) as npz:
                     yield _by_input(dict(npz.items()), input_names, str(f))
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise CalibrationError(f"{f}: not a readable numpy file ({exc})") from None
         count += 1
 

@@ -32,6 +32,8 @@ def register(sub) -> None:
 
 def run(args) -> None:
     out = check_output_path(args.output)
+    if args.report:
+        check_output_path(args.report)  # before anything is written: no model without its report
     if args.ranges:
         model, ranges = args.model, load_ranges(args.ranges)
     else:
