@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -90,14 +91,20 @@ def quantize_with_report(
     exclude_tensors: Iterable[str] = (),
     opset: int | None = None,
     optimize: bool = True,
+    weight_overrides: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
-    """Quantize and also return the report of what stayed in float and why."""
+    """Quantize and also return the report of what stayed in float and why.
+
+    `weight_overrides` maps weight initializer names to integer arrays that replace
+    round-to-nearest (AdaRound's learned rounding): same scales, each value floor or ceil of
+    weight / scale; anything else is an error.
+    """
     ir_model = _prepare_ir(model, opset, optimize)
     excluded = match_nodes(ir_model, exclude_nodes)
     plan = plan_quantization(
         ir_model, ranges, per_channel=per_channel, supports=resolve_target(target), exclude_nodes=excluded, exclude_tensors=set(exclude_tensors)
     )
-    apply_plan(ir_model, plan)
+    apply_plan(ir_model, plan, weight_overrides)
     proto = apply_pending(ir.serde.serialize_model(ir_model))
     try:
         onnx.checker.check_model(proto, full_check=True)
