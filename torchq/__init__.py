@@ -13,6 +13,7 @@ from .api import calibrate, quantize
 from .config import Override, QuantConfig
 from .export import ExportReport, export, export_float, export_with_report
 from .prepare import is_prepared, prepare, unprepare
+from .techniques import quantize_onnx, quantize_to_target, sensitivity
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,8 @@ __all__ = [
     "is_prepared",
     "prepare",
     "quantize",
+    "quantize_onnx",
+    "quantize_to_target",
+    "sensitivity",
     "unprepare",
 ]

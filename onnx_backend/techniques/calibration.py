@@ -1,0 +1,152 @@
+"""Calibration for the technique pipeline: the Calibrator's statistics, plus attention masks.
+
+Statistics are the Calibrator's (`TensorStatistics` folded batch by batch, ranges by
+`select_range`), so without masks the ranges are identical to `Calibrator.compute_range()`.
+
+Attention masks. Padded batches carry an additive mask: scores + mask, with mask 0 on real
+positions and a large negative constant (-1e4, -1e9, float32 min, -inf) on padding, then a
+Softmax. Left alone, the masked values set the lower end of every tensor they flow into and
+the real scores collapse into a few quantization steps. A *masked tensor* here is the output of an
+Add / Sub / Where that combines a data operand holding no value <= MASK_MIN with a mask operand
+holding such values (or -inf), and every tensor downstream of it that still holds them, up to
+the Softmax. Its statistics are collected again without the masked values (those below half the
+tensor's observed minimum, and non-finite ones), and its range keeps room below the largest real
+score so that a masked position, saturated at the range's lower end, still gets a softmax
+probability below half an output step: hi - lo >= ln(512 L), L the softmax axis length.
+The mask operand itself keeps its full range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from ..calibrator import Ranges, activation_tensors
+from ..errors import CalibrationError
+from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA, select_range
+from ..statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
+from .graph import Feeds, tensors_on
+
+MASK_MIN = -1.0e4  # a value this low (or -inf) in an operand of Add/Sub/Where marks an additive mask
+SOFTMAX_OUTPUT_LEVELS = 256
+MASK_OPS = ("Add", "Sub", "Where")
+PASS_THROUGH = ("Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast", "Where", "Expand", "Identity", "Slice")
+
+
+@dataclass
+class MaskedTensor:
+    floor: float  # values at or below this are masked positions
+    softmax_length: int  # L: the length of the last axis (the softmax's, in attention)
+
+
+@dataclass
+class Statistics:
+    """Per-tensor statistics of one model on the calibration data."""
+
+    stats: dict[str, TensorStatistics]
+    masked: dict[str, MaskedTensor] = field(default_factory=dict)
+    samples: int = 0
+
+    def ranges(self, method_for: Callable[[str], tuple[str, bool]], *, percentile: float = DEFAULT_PERCENTILE, sqnr_gamma: float = DEFAULT_SQNR_GAMMA) -> Ranges:
+        """{tensor: (lo, hi)}; `method_for(tensor)` gives (method, symmetric)."""
+        out = {}
+        for name, st in self.stats.items():
+            if st.empty:
+                continue
+            method, symmetric = method_for(name)
+            out[name] = self.range_of(name, method, symmetric, percentile=percentile, sqnr_gamma=sqnr_gamma)
+        return Ranges(out, method="per-tensor", percentile=percentile)
+
+    def range_of(self, name: str, method: str, symmetric: bool, **kw) -> tuple[float, float]:
+        lo, hi = select_range(self.stats[name], method, symmetric, **kw)
+        m = self.masked.get(name)
+        if m is not None:
+            margin = math.log(2 * SOFTMAX_OUTPUT_LEVELS * max(m.softmax_length, 1))
+            lo = min(lo, hi - margin)
+            if symmetric:
+                a = max(-lo, hi)
+                lo, hi = -a, a
+        return lo, hi
+
+
+def _update(st: TensorStatistics, x: np.ndarray, floor: float | None = None) -> int:
+    """Fold x in; returns how many values were left out (non-finite, or <= floor)."""
+    try:
+        if floor is None:
+            st.update(x)
+            return 0
+    except NonFiniteError:
+        pass
+    keep = np.isfinite(x) if floor is None else (np.isfinite(x) & (x > floor))
+    st.update(x[keep])
+    return int(x.size - np.count_nonzero(keep))
+
+
+def collect(model: onnx.ModelProto, feeds: Sequence[Feeds], *, bins: int = DEFAULT_BINS, tensors: Sequence[str] | None = None) -> Statistics:
+    """Statistics of every float activation (or of `tensors`) over `feeds`, masks handled."""
+    names = list(tensors) if tensors is not None else activation_tensors(model)
+    stats = {n: TensorStatistics(bins) for n in names}
+    nonfinite = dict.fromkeys(names, 0)
+    for values in tensors_on(model, feeds, names):
+        for name, x in values.items():
+            nonfinite[name] += _update(stats[name], x)
+    masked = find_masked(model, stats, nonfinite)
+    if masked:
+        redo = {n: TensorStatistics(bins) for n in masked}
+        for values in tensors_on(model, feeds, list(masked)):
+            for name, x in values.items():
+                _update(redo[name], x, masked[name].floor)
+                if x.ndim:
+                    masked[name].softmax_length = max(masked[name].softmax_length, int(x.shape[-1]))
+        stats.update(redo)
+    for name, n in nonfinite.items():
+        if n and name not in masked and not _is_mask(stats[name], n):
+            raise CalibrationError(f"tensor {name!r} holds NaN or Inf on the calibration data")
+    return Statistics(stats, masked, len(feeds))
+
+
+def _is_mask(st: TensorStatistics, nonfinite: int) -> bool:
+    return nonfinite > 0 or (not st.empty and st.min <= MASK_MIN)
+
+
+def find_masked(model: onnx.ModelProto, stats: dict[str, TensorStatistics], nonfinite: dict[str, int]) -> dict[str, MaskedTensor]:
+    """The tensors an additive attention mask flows into, on the way to a Softmax."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    has_mask = {n for n, st in stats.items() if _is_mask(st, nonfinite.get(n, 0))}
+    found: dict[str, MaskedTensor] = {}
+    for node in model.graph.node:
+        if node.op_type not in MASK_OPS or not node.output or node.output[0] not in has_mask:
+            continue
+        if not any(i in stats and i not in has_mask and not stats[i].empty for i in node.input):
+            continue  # no data operand: a mask combined with another mask
+        chain = _chain_to_softmax(node.output[0], consumers, has_mask)
+        for t in chain or ():
+            st = stats[t]
+            # masked values sit at the tensor's minimum; real scores lie far above half of it
+            floor = st.min / 2 if not st.empty and st.min <= MASK_MIN else -math.inf
+            found[t] = MaskedTensor(floor=floor, softmax_length=1)
+    return found
+
+
+def _chain_to_softmax(start: str, consumers, has_mask: set[str]) -> list[str] | None:
+    """Tensors from `start` on that still hold mask values, if they reach a Softmax (else None)."""
+    chain, frontier, seen, reaches = [start], [start], {start}, False
+    while frontier:
+        t = frontier.pop()
+        for node in consumers.get(t, []):
+            if node.op_type == "Softmax":
+                reaches = True
+            elif node.op_type in PASS_THROUGH:
+                for o in node.output:
+                    if o in has_mask and o not in seen:
+                        seen.add(o)
+                        chain.append(o)
+                        frontier.append(o)
+    return chain if reaches else None
