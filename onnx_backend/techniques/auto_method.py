@@ -63,27 +63,46 @@ def _own_range_tensors(model: ir.Model, names) -> list[str]:
 
 
 def consumer_model(model: onnx.ModelProto, tensor: str, types: dict[str, int]) -> tuple[onnx.ModelProto, list[str]] | None:
-    """The nodes reading `tensor` as a model of their own: (model, its other activation inputs)."""
+    """The nodes reading `tensor` as a model of their own: (model, its other activation inputs).
+
+    A reader whose output only feeds a Relu / Clip (absorbed into it when quantized) is judged
+    after that activation: errors the clamp removes do not count."""
     inits = {t.name: t for t in model.graph.initializer}
     const_nodes = {o: n for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    readers = [n for n in model.graph.node if tensor in n.input and n.op_type not in spec.SHAPE_OPS]
-    outputs = [o for n in readers for o in n.output if o]
-    is_output = tensor in {o.name for o in model.graph.output}
+    uses: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in model.graph.output}
+    readers = [n for n in uses.get(tensor, []) if n.op_type not in spec.SHAPE_OPS]
+    readers = list({id(n): n for n in readers}.values())
+    is_output = tensor in graph_outputs
     if not readers and not is_output:
         return None
-    nodes, used_inits, inputs = [], {}, [tensor]
+    nodes, outputs = [], []
     for n in readers:
+        nodes.append(n)
+        for o in n.output:
+            after = uses.get(o, [])
+            if o and len(after) == 1 and after[0].op_type in spec.ACTIVATIONS_THAT_FUSE and o not in graph_outputs and after[0] not in readers:
+                nodes.append(after[0])
+                outputs.append(after[0].output[0])
+            elif o:
+                outputs.append(o)
+    produced = {o for n in nodes for o in n.output}  # a reader may read another reader's output (x * sigmoid(x))
+    used_inits, inputs, consts = {}, [tensor], []
+    for n in nodes:
         for i in n.input:
-            if not i or i == tensor or i in inputs:
+            if not i or i == tensor or i in inputs or i in produced:
                 continue
             if i in inits:
                 used_inits[i] = inits[i]
             elif i in const_nodes:
-                if const_nodes[i] not in nodes:
-                    nodes.append(const_nodes[i])
+                if const_nodes[i] not in consts:
+                    consts.append(const_nodes[i])
             else:
                 inputs.append(i)
-        nodes.append(n)
+    nodes = consts + nodes
     if is_output:
         nodes.append(onnx.helper.make_node("Identity", [tensor], [f"{tensor}__self"]))
         outputs.append(f"{tensor}__self")

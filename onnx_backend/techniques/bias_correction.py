@@ -25,9 +25,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..quantizer import QuantizationReport
 from .graph import Feeds, Layer, channel_means, const, ensure_bias, output_channel_axis, private_initializer, set_const, tensors_on, to_proto, weighted_layers
 
-Quantize = Callable[[ir.Model], onnx.ModelProto]
+Quantize = Callable[[ir.Model], tuple[onnx.ModelProto, QuantizationReport]]
 
 
 @dataclass
@@ -108,11 +109,13 @@ def correct_bias(model: ir.Model, feeds: Sequence[Feeds], quantize: Quantize, *,
     reference = float_means(model, layers, feeds)
     waves = depth_waves(model, layers)
     report.waves = len(waves)
-    for name, shift in channel_shifts(quantize(model), reference, layers, feeds).items():
+    for name, shift in channel_shifts(quantize(model)[0], reference, layers, feeds).items():
         report.layers[name] = {"before": float(np.max(np.abs(shift)))}
     for sweep in range(sweeps):
         for wave in waves:
-            shifts = channel_shifts(quantize(model), reference, wave, feeds)
+            qmodel, qreport = quantize(model)
+            steps = {(c.node, c.input_index): c.params.scale.astype(np.float64) for c in qreport.plan.constants if c.kind == "bias"}
+            shifts = channel_shifts(qmodel, reference, wave, feeds)
             for layer in wave:
                 shift = shifts.get(layer.name)
                 if shift is None:
@@ -120,9 +123,13 @@ def correct_bias(model: ir.Model, feeds: Sequence[Feeds], quantize: Quantize, *,
                     continue
                 node, idx = layer.bias
                 b = private_initializer(model.graph, node, idx)
-                set_const(b, const(b).astype(np.float64) - shift)
+                old = const(b).astype(np.float64)
+                step = steps.get((node.name, idx))
+                if step is not None:  # correct the bias the quantized model uses, so what is left is < half a step
+                    old = np.rint(old / step) * step
+                set_const(b, old - shift)
         report.iterations = sweep + 1
-    final = channel_shifts(quantize(model), reference, layers, feeds)
+    final = channel_shifts(quantize(model)[0], reference, layers, feeds)
     for name, shift in final.items():
         if name in report.layers:
             report.layers[name]["after"] = float(np.max(np.abs(shift)))

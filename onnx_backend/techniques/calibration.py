@@ -13,7 +13,10 @@ the Softmax. Its statistics are collected again without the masked values (those
 tensor's observed minimum, and non-finite ones), and its range keeps room below the largest real
 score so that a masked position, saturated at the range's lower end, still gets a softmax
 probability below half an output step: hi - lo >= ln(512 L), L the softmax axis length.
-The mask operand itself keeps its full range.
+The mask operand itself (0 or the large negative constant) keeps its range, with the lower end
+raised to MASK_MIN: -1e4 is far below any real score, so the sum still saturates at the masked
+tensor's lower end, and the ratio of the two scales stays representable (float32 min / 255
+against a score scale overflows the requantization multiplier of an integer Add).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Statistics:
     stats: dict[str, TensorStatistics]
     masked: dict[str, MaskedTensor] = field(default_factory=dict)
     samples: int = 0
+    mask_operands: set[str] = field(default_factory=set)  # the masks themselves: lower end raised to MASK_MIN
 
     def ranges(self, method_for: Callable[[str], tuple[str, bool]], *, percentile: float = DEFAULT_PERCENTILE, sqnr_gamma: float = DEFAULT_SQNR_GAMMA) -> Ranges:
         """{tensor: (lo, hi)}; `method_for(tensor)` gives (method, symmetric)."""
@@ -63,6 +67,9 @@ class Statistics:
 
     def range_of(self, name: str, method: str, symmetric: bool, **kw) -> tuple[float, float]:
         lo, hi = select_range(self.stats[name], method, symmetric, **kw)
+        if name in self.mask_operands:
+            lo = max(lo, MASK_MIN)
+            hi = min(hi, -MASK_MIN) if symmetric else hi  # a symmetric range stays symmetric
         m = self.masked.get(name)
         if m is not None:
             margin = math.log(2 * SOFTMAX_OUTPUT_LEVELS * max(m.softmax_length, 1))
@@ -106,7 +113,8 @@ def collect(model: onnx.ModelProto, feeds: Sequence[Feeds], *, bins: int = DEFAU
     for name, n in nonfinite.items():
         if n and name not in masked and not _is_mask(stats[name], n):
             raise CalibrationError(f"tensor {name!r} holds NaN or Inf on the calibration data")
-    return Statistics(stats, masked, len(feeds))
+    mask_operands = {n for n, st in stats.items() if n not in masked and not st.empty and st.min <= MASK_MIN}
+    return Statistics(stats, masked, len(feeds), mask_operands if masked else set())
 
 
 def _is_mask(st: TensorStatistics, nonfinite: int) -> bool:

@@ -132,7 +132,10 @@ def run_pipeline(
         report.steps["smoothquant"] = smoothquant.smooth(ir_model, feeds, options).to_dict()
     stats = calibration.collect(to_proto(ir_model), feeds, bins=options.histogram_bins)
     if stats.masked:
-        report.steps["attention_masks"] = {t: {"left_out_below": m.floor, "softmax_length": m.softmax_length} for t, m in stats.masked.items()}
+        report.steps["attention_masks"] = {
+            "masked": {t: {"left_out_below": m.floor, "softmax_length": m.softmax_length} for t, m in stats.masked.items()},
+            "masks": sorted(stats.mask_operands),
+        }
     default = (options.method, options.symmetric)
     pick = method_for or (lambda _t: default)
     prepared = Prepared(ir_model, feeds, options, {}, stats, exclude_nodes=frozenset(exclude_nodes), exclude_tensors=frozenset(exclude_tensors), report=report)
@@ -150,7 +153,7 @@ def run_pipeline(
     if options.bias_correction:
         int8 = set(prepared.quantize()[1].plan.int8_nodes)
         report.steps["bias_correction"] = bias_correction.correct_bias(
-            ir_model, feeds, lambda m: prepared.quantize(model=m)[0], sweeps=options.bias_correction_sweeps, int8_nodes=int8
+            ir_model, feeds, lambda m: prepared.quantize(model=m), sweeps=options.bias_correction_sweeps, int8_nodes=int8
         ).to_dict()
     return prepared
 

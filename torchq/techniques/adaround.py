@@ -56,7 +56,7 @@ class LayerOp:
     def __init__(self, layer: Layer, bias: np.ndarray | None):
         self.layer = layer
         self.op = layer.op
-        self.bias = None if bias is None else torch.from_numpy(np.asarray(bias, np.float32))
+        self.bias = None if bias is None else torch.tensor(np.asarray(bias, np.float32))
         a = attrs(layer.node)
         self.trans_b = bool(a.get("transB", 0))
         if self.op == "Conv":
@@ -149,8 +149,8 @@ def round_layer(op: LayerOp, act, w: np.ndarray, scale: np.ndarray, axis: int, x
     """Integer weights for one layer, and what the optimization achieved."""
     shape = [1] * w.ndim
     shape[axis] = -1
-    s = torch.from_numpy(np.asarray(scale, np.float32).reshape(shape))
-    wt = torch.from_numpy(np.asarray(w, np.float32))
+    s = torch.tensor(np.asarray(scale, np.float32).reshape(shape))
+    wt = torch.tensor(np.asarray(w, np.float32))
     q_near = torch.clamp(torch.round(wt / s), -127, 127)
     w_floor = torch.floor(wt / s)
     rest = (wt / s - w_floor).clamp(1e-4, 1 - 1e-4)

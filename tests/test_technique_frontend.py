@@ -1,0 +1,143 @@
+"""The techniques from PyTorch: bounded sample keeping, export with techniques (both exporters),
+the accuracy-targeted API; the user's model is never modified."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import torchq
+from onnx_backend import assert_valid
+from onnx_backend.techniques.graph import outputs_on
+from torchq import samples
+from tests.technique_nets import OutlierMLP, export
+from tests.zoo import ZOO
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(model, before) -> bool:
+    after = model.state_dict()
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in after)
+
+
+def test_default_config_keeps_no_samples():
+    model = ZOO["residual"].model()
+    torchq.prepare(model)
+    try:
+        assert samples.store_of(model) is None and not torchq.QuantConfig().needs_samples
+    finally:
+        torchq.unprepare(model)
+
+
+def test_kept_samples_are_capped_in_count_and_bytes():
+    entry = ZOO["residual"]
+    model = entry.model()
+    torchq.prepare(model, torchq.QuantConfig(bias_correction=True, max_samples=20))
+    try:
+        g = torch.Generator().manual_seed(0)
+        for _ in range(10):
+            model(torch.randn(8, 3, 16, 16, generator=g))
+        store = samples.store_of(model)
+        assert store.samples == 20 and sum(b[0].shape[0] for b in store.batches) == 20
+        held = store.bytes
+        for _ in range(10):  # more calibration batches: no more memory
+            model(torch.randn(8, 3, 16, 16, generator=g))
+        assert store.bytes == held
+    finally:
+        torchq.unprepare(model)
+    one_item = 3 * 16 * 16 * 4
+    torchq.prepare(model, torchq.QuantConfig(bias_correction=True, max_sample_bytes=5 * one_item))
+    try:
+        model(torch.randn(8, 3, 16, 16))
+        assert samples.store_of(model).samples == 5 and samples.store_of(model).bytes <= 5 * one_item
+    finally:
+        torchq.unprepare(model)
+    assert not model._forward_pre_hooks and samples.store_of(model) is None
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_export_with_techniques_leaves_the_model_untouched(dynamo):
+    entry = ZOO["depthwise_separable"]
+    model = entry.model()
+    before = _state(model)
+    config = torchq.QuantConfig(equalization=True, bias_correction=True, method="auto", target=None)
+    torchq.prepare(model, config)
+    torchq.calibrate(model, entry.calibration(4))
+    x = entry.calibration(1)[0]
+    qmodel, report = torchq.export_with_report(model, x, dynamo=dynamo)
+    torchq.unprepare(model)
+    assert_valid(qmodel)
+    assert {"equalization", "bias_correction", "method_auto", "samples"} <= set(report.techniques)
+    assert report.techniques["samples"]["kept"] == 8 and report.techniques["samples"]["runs"] == 4
+    assert "techniques" in report.to_dict()
+    assert _same_state(model, before) and not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_a_static_batch_export_splits_the_kept_batches():
+    entry = ZOO["conv_bn_relu"]
+    model = entry.model()
+    torchq.prepare(model, torchq.QuantConfig(bias_correction=True, target=None))
+    torchq.calibrate(model, entry.calibration(3))  # batches of 2
+    try:
+        _, report = torchq.export_with_report(model, entry.calibration(1)[0][0][:1], dynamo=False)
+    finally:
+        torchq.unprepare(model)
+    assert report.techniques["samples"]["runs"] == 6
+
+
+def test_module_overrides_keep_their_method_under_auto():
+    entry = ZOO["residual"]
+    model = entry.model()
+    config = torchq.QuantConfig(method="auto", overrides=[{"pattern": "stem", "method": "min_max"}], target=None)
+    torchq.prepare(model, config)
+    torchq.calibrate(model, entry.calibration(3))
+    try:
+        _, report = torchq.export_with_report(model, entry.calibration(1)[0], dynamo=False)
+    finally:
+        torchq.unprepare(model)
+    chosen = report.techniques["method_auto"]["chosen"]
+    stem = [t for t, keys in report.keys_of_tensor.items() if any(k.startswith("stem:") for k in keys)]
+    assert stem and all(t not in chosen for t in stem)  # fixed by the override, not chosen
+
+
+def test_quantize_to_target_from_pytorch(tmp_path):
+    model = OutlierMLP()
+    before = _state(model)
+    g = torch.Generator().manual_seed(0)
+    loader = [torch.randn(32, 16, generator=g) for _ in range(4)]
+    test_x = torch.randn(512, 16, generator=g).numpy()
+    with torch.no_grad():
+        labels = model(torch.from_numpy(test_x)).argmax(1).numpy()
+
+    def accuracy(m) -> float:
+        return float((outputs_on(m, [{outputs_input(m): test_x}])[0][0].argmax(1) == labels).mean() * 100)
+
+    qmodel, report = torchq.quantize_to_target(
+        model, loader, (loader[0],), accuracy, target=0.995, path=tmp_path / "m.onnx", report_path=tmp_path / "r.json", dynamo=False, dynamic_axes={"x": {0: "b"}}, input_names=["x"]
+    )
+    assert report.met and report.metric >= 99.5 and {"/fc1/Gemm", "/fc2/Gemm"} <= set(report.float_layers)
+    assert_valid(qmodel)
+    assert json.loads((tmp_path / "r.json").read_text())["met"] is True and (tmp_path / "m.onnx").is_file()
+    assert _same_state(model, before) and not torchq.is_prepared(model)
+
+
+def outputs_input(m) -> str:
+    return m.graph.input[0].name
+
+
+def test_quantize_onnx_with_adaround():
+    entry = ZOO["flatten_linear"]
+    data = [[t.numpy() for t in s] for s in entry.calibration(4)]
+    proto = export(entry.model(), tuple(torch.from_numpy(a) for a in data[0]))
+    qmodel, report = torchq.quantize_onnx(proto, data, torchq.QuantConfig(adaround=True, adaround_iterations=30, target=None))
+    assert_valid(qmodel)
+    layers = report.steps["adaround"]["layers"]
+    assert len(layers) == 3 and all(v["kept"] in ("adaround", "nearest") for v in layers.values())
+    ref, out = outputs_on(proto, [{"x": data[0][0]}])[0][0], outputs_on(qmodel, [{"x": data[0][0]}])[0][0]
+    assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.99
