@@ -9,8 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -141,70 +144,57 @@ def upgrade_opset(proto: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.Model
         raise InvalidModelError(f"cannot upgrade the model from opset {current} to {target}: {exc}") from None
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write `model` to `path` atomically (temporary file + rename). Returns the path."""
+def _destination(path: str | os.PathLike) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise OutputPathError(f"{path}: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise OutputPathError(f"{path}: folder {folder} is not writable")
-    large = model.ByteSize() > EXTERNAL_DATA_THRESHOLD
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        if large:
-            data_name = path.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, location=data_name + ".tmp", all_tensors_to_one_file=True)
-            _fsync(folder / (data_name + ".tmp"))
-            os.replace(folder / (data_name + ".tmp"), folder / data_name)
-            # The temporary model names the temporary data file; rewrite the location.
-            m = onnx.load(tmp, load_external_data=False)
-            from onnx.external_data_helper import _get_all_tensors
+    return path
 
-            for t in _get_all_tensors(m):
-                for e in t.external_data:
-                    if e.key == "location":
-                        e.value = data_name
-            with open(tmp, "wb") as f:
-                f.write(m.SerializeToString())
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString(deterministic=True))
-        _fsync(Path(tmp))
-        os.replace(tmp, path)
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside `path`; what the block writes there under `path.name` (and any
+    sibling files) is fsync'd and renamed into place when the block succeeds, else removed.
+
+    Renames within one folder are atomic, so readers see the old file or the whole new one.
+    """
+    path = _destination(path)
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise OutputPathError(f"{path}: could not write ({exc.strerror or exc}); nothing was written") from None
+    try:
+        yield staging / path.name
+        written = sorted(staging.iterdir(), key=lambda f: f.name == path.name)  # the main file last
+        for f in written:
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        for f in written:
+            os.replace(f, path.parent / f.name)
     except OSError as exc:
         raise OutputPathError(f"{path}: could not write ({exc.strerror or exc}); nothing was written") from None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write `model` to `path` atomically. Models over ~1.8 GB keep their tensors in
+    `<name>.data` beside it (protobuf cannot hold more than 2 GB)."""
+    with atomic_output(path) as tmp:
+        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving with external data rewrites the tensors it is given
+            onnx.save_model(copy, tmp, save_as_external_data=True, location=tmp.name + ".data", all_tensors_to_one_file=True)
+        else:
+            tmp.write_bytes(model.SerializeToString(deterministic=True))
+    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write a text file atomically."""
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise OutputPathError(f"{path}: folder {folder} does not exist")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputPathError(f"{path}: could not write ({exc.strerror or exc}); nothing was written") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputPathError(f"{path}: could not write ({exc.strerror or exc}); nothing was written") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

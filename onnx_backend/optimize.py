@@ -58,8 +58,45 @@ class StandaloneBatchNormToAffine(pattern.RewriteRuleClassBase):
         return op.Add(op.Mul(x, s), t)
 
 
+class SpatialMeanToGlobalAveragePool(pattern.RewriteRuleClassBase):
+    """ReduceMean over all spatial axes of an NCHW tensor -> GlobalAveragePool (+ Reshape).
+
+    The same arithmetic; onnxruntime has an integer kernel for GlobalAveragePool (and the NPU
+    lists it), not for ReduceMean. `x.mean((2, 3))` in PyTorch exports as ReduceMean.
+    """
+
+    def pattern(self, op, x):
+        return op.ReduceMean(x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["out"])
+
+    def _axes(self, node) -> list[int] | None:
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            t = ir.convenience.get_const_tensor(node.inputs[1])
+            return None if t is None else [int(a) for a in t.numpy().ravel()]
+        attr = node.attributes.get("axes")
+        return None if attr is None else list(attr.as_ints())
+
+    def check(self, context, x, out, **_):
+        result = pattern.MatchResult()
+        rank = x.shape.rank() if x.shape is not None else None
+        node = out.producer()
+        axes = self._axes(node)
+        if rank is None or rank < 3 or axes is None:
+            return result.fail("rank or axes unknown")
+        if sorted(a % rank for a in axes) != list(range(2, rank)):
+            return result.fail("not a mean over every spatial axis")
+        return result
+
+    def rewrite(self, op, x, out, **_):
+        pooled = op.GlobalAveragePool(x)
+        if out.producer().attributes.get_int("keepdims", 1):
+            return pooled
+        rank = x.shape.rank()
+        return op.Squeeze(pooled, op.Constant(value=ir.tensor(np.arange(2, rank, dtype=np.int64))))
+
+
 REWRITE_RULES = [
     StandaloneBatchNormToAffine.rule(),
+    SpatialMeanToGlobalAveragePool.rule(),
 ]
 
 

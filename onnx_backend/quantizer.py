@@ -11,12 +11,13 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from .errors import InvalidModelError
+from .errors import ConfigError, InvalidModelError
 from .model_editor import apply_pending
 from .model_io import MIN_OPSET, load_model, upgrade_opset
 from .optimize import optimize_ir
 from .planner import QuantPlan, Supports, plan_quantization, supports_everything
 from .qdq import apply_plan
+from .qmath import QType
 
 
 @dataclass
@@ -44,6 +45,19 @@ class QuantizationReport:
         for name, why in sorted(self.float_nodes.items()):
             lines.append(f"  float node   {name}: {why}")
         return "\n".join(lines)
+
+
+ACTIVATION_DTYPES = {"int8": QType.INT8, "uint8": QType.UINT8}
+
+
+def activation_qtype(name: str) -> QType:
+    """int8: the spec's storage, what the NPU consumes. uint8: the same grid with zero points
+    + 128 -- onnxruntime's x86 kernels are u8 x s8, and an int8 model only fuses where
+    onnxruntime manages to convert it (not where a tensor has several consumers)."""
+    try:
+        return ACTIVATION_DTYPES[name]
+    except KeyError:
+        raise ConfigError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {name!r}") from None
 
 
 def resolve_target(target) -> Supports:
@@ -91,6 +105,7 @@ def quantize_with_report(
     exclude_tensors: Iterable[str] = (),
     opset: int | None = None,
     optimize: bool = True,
+    activation_dtype: str = "int8",
     weight_overrides: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Quantize and also return the report of what stayed in float and why.
@@ -102,7 +117,13 @@ def quantize_with_report(
     ir_model = _prepare_ir(model, opset, optimize)
     excluded = match_nodes(ir_model, exclude_nodes)
     plan = plan_quantization(
-        ir_model, ranges, per_channel=per_channel, supports=resolve_target(target), exclude_nodes=excluded, exclude_tensors=set(exclude_tensors)
+        ir_model,
+        ranges,
+        per_channel=per_channel,
+        supports=resolve_target(target),
+        exclude_nodes=excluded,
+        exclude_tensors=set(exclude_tensors),
+        activation_qtype=activation_qtype(activation_dtype),
     )
     apply_plan(ir_model, plan, weight_overrides)
     proto = apply_pending(ir.serde.serialize_model(ir_model))
@@ -122,6 +143,7 @@ def quantize(
     exclude_nodes: Iterable[str] = (),
     opset: int | None = None,
     optimize: bool = True,
+    activation_dtype: str = "int8",
 ) -> onnx.ModelProto:
     """Quantize a float ONNX model with the given tensor ranges into a TFLite-spec QDQ model.
 
@@ -129,8 +151,16 @@ def quantize(
     symmetric about 0 gets zero point 0. Tensors without a range stay float (see
     `quantize_with_report` for the list and the reasons). `target` ('warboy', 'tflite' or None for
     every op) decides which ops run in int8. `exclude_nodes` are node names or op types (globs)
-    kept in float. The input model is not modified.
+    kept in float. `activation_dtype` "uint8" stores activations as uint8 (the same grid, zero
+    points + 128) for fast onnxruntime execution on x86. The input model is not modified.
     """
     return quantize_with_report(
-        model, ranges, per_channel=per_channel, target=target, exclude_nodes=exclude_nodes, opset=opset, optimize=optimize
+        model,
+        ranges,
+        per_channel=per_channel,
+        target=target,
+        exclude_nodes=exclude_nodes,
+        opset=opset,
+        optimize=optimize,
+        activation_dtype=activation_dtype,
     )[0]

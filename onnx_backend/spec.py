@@ -118,9 +118,10 @@ def weight_axis(op_type: str, attributes: dict, weight_shape: tuple[int, ...]) -
 
     Conv (depthwise too): axis 0. Gemm: axis 0 if transB else 1. MatMul: the last axis.
     ConvTranspose weight is (C_in, C_out / group, k...): axis 1 when group == 1; for a
-    depthwise-style transposed conv (C_out / group == 1) each input channel feeds exactly one
-    output channel, so axis 0 is per output channel; otherwise axis 1, whose C_out / group
-    scales are then shared by the groups (an ONNX per-axis scale cannot follow two axes).
+    depthwise transposed conv (C_in == group and C_out / group == 1) each input channel feeds
+    exactly one output channel, so axis 0 is per output channel; otherwise axis 1, whose
+    C_out / group scales are then shared by the groups (an ONNX per-axis scale cannot follow
+    two axes). With C_in / group > 1 an axis-0 scale would vary inside one output's sum.
     """
     if op_type == "Conv":
         return 0
@@ -130,7 +131,7 @@ def weight_axis(op_type: str, attributes: dict, weight_shape: tuple[int, ...]) -
         return len(weight_shape) - 1
     if op_type == "ConvTranspose":
         group = attributes.get("group", 1)
-        if group > 1 and weight_shape[1] == 1:
+        if group > 1 and weight_shape[1] == 1 and weight_shape[0] == group:
             return 0
         return 1
     raise ValueError(f"{op_type} has no weight input")

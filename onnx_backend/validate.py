@@ -4,7 +4,7 @@ Works on any QDQ ONNX model (ours, onnxruntime's, anyone's), so it also tells wh
 output breaks. Rules checked, each a small function registered in `RULES`:
 
 * opset >= 13; every scale positive and finite;
-* activations: per-tensor int8 (uint8 only straight from a model input);
+* activations: per-tensor 8-bit: int8, or uint8 storage of the same grid (zero point + 128);
 * weights of Conv / ConvTranspose / Gemm / MatMul: int8 in [-127, 127], zero point 0, and
   per-channel along the output-channel axis when per-channel;
 * biases: int32, zero point 0, scale = input scale x weight scale (per channel);
@@ -43,11 +43,17 @@ class QParams:
     axis: int | None
     node: str
 
+    @property
+    def int8_zero_point(self) -> np.ndarray:
+        """The zero point on the int8 grid (uint8 storage is the same grid shifted by 128)."""
+        z = self.zero_point.astype(np.int64)
+        return z - 128 if self.zero_point.dtype == np.uint8 else z
+
     def same(self, other: QParams) -> bool:
         return (
             self.scale.shape == other.scale.shape
             and np.array_equal(self.scale, other.scale)
-            and np.array_equal(self.zero_point.astype(np.int64), other.zero_point.astype(np.int64))
+            and np.array_equal(self.int8_zero_point, other.int8_zero_point)
         )
 
 
@@ -126,9 +132,8 @@ def _activations(view: GraphView) -> list[Violation]:
         if p.axis is not None and p.scale.size > 1:
             out.append(Violation("activation-int8", n.name, "activation parameters must be per tensor"))
         dtype = p.zero_point.dtype
-        from_input = n.op_type == "DequantizeLinear" and n.input[0] in view.inputs
-        if dtype != np.int8 and not (from_input and dtype == np.uint8):
-            out.append(Violation("activation-int8", n.name, f"activation type must be int8, got {dtype}"))
+        if dtype not in (np.int8, np.uint8):  # uint8 storage is the int8 grid shifted by 128
+            out.append(Violation("activation-int8", n.name, f"activation type must be 8-bit (int8, or uint8 storage), got {dtype}"))
     return out
 
 
@@ -253,8 +258,8 @@ def _fixed(view: GraphView) -> list[Violation]:
         if p is None:
             continue
         scale, zero = r.fixed
-        if not (np.isclose(float(p.scale), scale, rtol=0, atol=0) and int(p.zero_point) == zero):
-            out.append(Violation("fixed-output", n.name, f"{n.op_type} output must be scale {scale}, zero point {zero}; got {float(p.scale):.6g}, {int(p.zero_point)}"))
+        if not (np.isclose(float(p.scale), scale, rtol=0, atol=0) and int(p.int8_zero_point) == zero):
+            out.append(Violation("fixed-output", n.name, f"{n.op_type} output must be scale {scale}, zero point {zero} (int8); got {float(p.scale):.6g}, {int(p.int8_zero_point)}"))
     return out
 
 

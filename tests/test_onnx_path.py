@@ -285,3 +285,14 @@ def test_cli_errors_exit_2_and_write_nothing(tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert "Traceback" not in r.stderr and r.stderr.strip()
         assert not (tmp_path / "o.onnx").exists()
+
+
+def test_models_too_large_for_protobuf_are_written_with_external_data(tmp_path, monkeypatch):
+    from onnx_backend import model_io
+
+    monkeypatch.setattr(model_io, "EXTERNAL_DATA_THRESHOLD", 1000)  # pretend the model is over 2 GB
+    model = float_export(ZOO["conv_bn_relu"])
+    model_io.save_model(model, tmp_path / "big.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
+    reloaded = model_io.load_model(tmp_path / "big.onnx")
+    assert [numpy_helper.to_array(t).tobytes() for t in reloaded.graph.initializer] == [numpy_helper.to_array(t).tobytes() for t in model.graph.initializer]

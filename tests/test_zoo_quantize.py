@@ -128,3 +128,40 @@ def test_per_tensor_weights_when_asked():
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in qmodel.graph.initializer}
     weight_scales = [inits[n.input[1]] for n in qmodel.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0], np.zeros(0)).dtype == np.int8]
     assert weight_scales and all(s.ndim == 0 for s in weight_scales)
+
+
+def ort_fused_ops(qmodel, tmp_path) -> dict[str, int]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "ort_optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(qmodel.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for n in onnx.load(opts.optimized_model_filepath).graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return ops
+
+
+@pytest.mark.parametrize("name", ["conv_bn_relu", "residual", "inception", "depthwise_separable", "squeeze_excitation", "flatten_linear", "two_in_two_out", "unet"])
+def test_uint8_storage_lets_onnxruntime_run_every_conv_in_integer_kernels(name, tmp_path):
+    """QDQ placement that onnxruntime fuses: no float Conv/Gemm/Add/Concat/pooling survives."""
+    entry = ZOO[name]
+    model, qmodel, _ = quantize_entry(entry, torchq.QuantConfig(activation_dtype="uint8"))
+    assert_valid(qmodel)
+    assert output_sqnr(entry, model, qmodel) >= SQNR_MIN_DB["mse"]
+    ops = ort_fused_ops(qmodel, tmp_path)
+    assert not {"Conv", "Gemm", "MatMul", "Add", "Concat", "GlobalAveragePool", "ReduceMean"} & set(ops), ops
+    assert ops.get("QLinearConv", 0) >= 1
+
+
+def test_uint8_storage_is_the_same_grid_as_int8():
+    entry = ZOO["residual"]
+    model, q8, _ = quantize_entry(entry, dynamo=False)
+    _, qu8, _ = quantize_entry(entry, torchq.QuantConfig(activation_dtype="uint8"), dynamo=False)
+    x = entry.inputs(torch.Generator().manual_seed(3))[0].numpy()
+    a, b = run_onnx(q8, {"x": x})[0], run_onnx(qu8, {"x": x})[0]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in q8.graph.initializer}
+    out_scale = float(inits["y_scale"])
+    assert np.max(np.abs(a - b)) <= out_scale * 1.01  # kernels round differently, by at most one step

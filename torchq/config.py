@@ -43,6 +43,8 @@ class QuantConfig(BaseModel):
     overrides   per-module method / symmetric / percentile / float, by glob; last match wins
     opset       ONNX opset of the exported model (>= 13)
     target      the NPU whose op support decides what runs in int8: "warboy", "tflite", or None
+    activation_dtype  int8 (the spec, the NPU) or uint8: the same grid with zero points + 128,
+                which onnxruntime needs on x86 to run every quantized op in integer kernels
     histogram_bins  resolution of the streaming histograms
     sqnr_gamma  weight of clipping noise in the sqnr method (1 would make it mse)
 
@@ -73,6 +75,7 @@ class QuantConfig(BaseModel):
     overrides: tuple[Override, ...] = ()
     opset: int = Field(default=20, ge=13, le=23)
     target: str | None = "warboy"
+    activation_dtype: Literal["int8", "uint8"] = "int8"
     histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
     equalization: bool = False

@@ -296,6 +296,7 @@ def export_with_report(
             target=config.target,
             exclude_tensors=c.float_tensors,
             opset=config.opset,
+            activation_dtype=config.activation_dtype,
         )
     for tensor, keys in c.bindings.items():
         if tensor in backend_report.float_tensors and any(k in c.mismatched for k in keys):

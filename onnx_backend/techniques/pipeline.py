@@ -45,6 +45,7 @@ class Options:
     sqnr_gamma: float = DEFAULT_SQNR_GAMMA
     per_channel: bool = True
     target: object = "warboy"
+    activation_dtype: str = "int8"
     opset: int | None = None
     histogram_bins: int = DEFAULT_BINS
     equalization: bool = False
@@ -102,6 +103,7 @@ class Prepared:
             exclude_tensors=self.exclude_tensors,
             opset=self.options.opset,
             optimize=False,
+            activation_dtype=self.options.activation_dtype,
             weight_overrides=self.weight_overrides if weight_overrides is None else weight_overrides,
         )
 

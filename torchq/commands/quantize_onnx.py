@@ -22,6 +22,7 @@ def register(sub) -> None:
     p.add_argument("--method", type=method_arg, default="mse_asym", metavar="METHOD", help=f"one of {', '.join(METHOD_CHOICES)} (default mse_asym)")
     p.add_argument("--percentile", type=float, default=99.99, help="for percentile methods (default 99.99)")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
+    p.add_argument("--activation-dtype", choices=["int8", "uint8"], default="int8", help="int8 (the spec, the NPU; default) or uint8: the same grid with zero points + 128, which onnxruntime needs on x86 to fuse every quantized op")
     p.add_argument("--target", default="warboy", help="which ops run in int8: warboy, tflite, or all (default warboy)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="node names or op types kept in float (repeatable)")
     p.add_argument("--report", help="also write a JSON report of what stayed in float and why")
@@ -36,7 +37,9 @@ def run(args) -> None:
     else:
         model, ranges, _ = calibrate_file(args)
     target = None if args.target == "all" else args.target
-    qmodel, report = quantize_with_report(model, ranges, per_channel=not args.per_tensor, target=target, exclude_nodes=args.exclude)
+    qmodel, report = quantize_with_report(
+        model, ranges, per_channel=not args.per_tensor, target=target, exclude_nodes=args.exclude, activation_dtype=args.activation_dtype
+    )
     save_model(qmodel, out)
     if args.report:
         write_text_atomic(args.report, json.dumps(report.to_dict(), indent=1) + "\n")

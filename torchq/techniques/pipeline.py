@@ -25,6 +25,7 @@ def options_from_config(config: QuantConfig) -> Options:
         sqnr_gamma=config.sqnr_gamma,
         per_channel=config.per_channel,
         target=config.target,
+        activation_dtype=config.activation_dtype,
         opset=config.opset,
         histogram_bins=config.histogram_bins,
         equalization=config.equalization,
