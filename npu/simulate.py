@@ -70,8 +70,17 @@ class Simulator:
         ev = self._evaluators.get(id(node))
         if ev is None:
             proto = ir.serde.serialize_node(node)
+            # A one-node model, not the bare node: onnx.reference expands function ops (Gelu at
+            # opset 20, ...) only when it has a model around them.
+            graph = onnx.helper.make_graph(
+                [proto],
+                "host_op",
+                [onnx.helper.make_empty_tensor_value_info(i) for i in proto.input if i],
+                [onnx.helper.make_empty_tensor_value_info(o) for o in proto.output if o],
+            )
+            wrapped = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in self.opsets.items()])
             try:
-                ev = ReferenceEvaluator(proto, opsets=self.opsets)
+                ev = ReferenceEvaluator(wrapped)
             except Exception as exc:
                 raise SimulationError(f"node {node.name!r} ({node.domain or 'ai.onnx'}::{node.op_type}): cannot be evaluated on the host: {exc}") from None
             self._evaluators[id(node)] = ev
