@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import npu
 from onnx_backend import assert_valid
 from onnx_backend.techniques import Options, analyze, quantize_to_target, run_pipeline
 from onnx_backend.techniques.auto_method import CANDIDATES
@@ -80,7 +81,9 @@ def test_fallback_meets_the_target_with_a_minimal_float_set():
         trial, _ = prepared.quantize(exclude_nodes=[n for k in report.float_layers if k != layer for n in _members(prepared, k)])
         assert accuracy(trial) < 99.5
     _, qreport = prepared.quantize(exclude_nodes=report.float_nodes)
-    assert set(report.float_nodes) <= set(qreport.float_nodes)  # reported as float (host fallback)
+    assert set(report.float_nodes) <= set(qreport.float_nodes)  # reported as float
+    host = {r.node for r in npu.check(qmodel, "warboy").host_nodes}
+    assert set(report.float_layers) <= host  # and the NPU check shows them as host fallback
     assert "float" in report.describe() and "met" in report.describe()
 
 
