@@ -141,3 +141,28 @@ def test_quantize_onnx_with_adaround():
     assert len(layers) == 3 and all(v["kept"] in ("adaround", "nearest") for v in layers.values())
     ref, out = outputs_on(proto, [{"x": data[0][0]}])[0][0], outputs_on(qmodel, [{"x": data[0][0]}])[0][0]
     assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.99
+
+
+def test_cli_quantize_onnx_with_techniques(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import onnx
+
+    entry = ZOO["conv_bn_relu"]
+    data = [[t.numpy() for t in s] for s in entry.calibration(2)]
+    onnx.save(export(entry.model(), tuple(torch.from_numpy(a) for a in data[0])), tmp_path / "f.onnx")
+    np.savez(tmp_path / "cal.npz", x=np.concatenate([d[0] for d in data]))
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "torchq", "quantize-onnx", str(tmp_path / "f.onnx"), *args], capture_output=True, text=True, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"})
+
+    r = cli("--data", str(tmp_path / "cal.npz"), "--batch-size", "2", "--equalization", "--bias-correction", "--auto-method", "-o", str(tmp_path / "q.onnx"), "--report", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    assert "techniques: bias_correction, equalization, method_auto" in r.stdout
+    assert_valid(onnx.load(tmp_path / "q.onnx"))
+    assert set(json.loads((tmp_path / "r.json").read_text())["techniques"]) == {"bias_correction", "equalization", "method_auto"}
+    r = cli("--ranges", str(tmp_path / "r.json"), "--equalization", "-o", str(tmp_path / "q2.onnx"))
+    assert r.returncode == 2 and "give --data" in r.stderr and not (tmp_path / "q2.onnx").exists()
