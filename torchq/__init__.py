@@ -13,6 +13,7 @@ from .api import calibrate, quantize
 from .config import Override, QuantConfig
 from .export import ExportReport, export, export_float, export_with_report
 from .prepare import is_prepared, prepare, unprepare
+from .recipes import Recipe
 from .techniques import quantize_onnx, quantize_to_target, sensitivity
 
 __version__ = "0.1.0"
@@ -25,6 +26,7 @@ __all__ = [
     "OutputPathError",
     "Override",
     "QuantConfig",
+    "Recipe",
     "TorchqError",
     "calibrate",
     "export",

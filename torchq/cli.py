@@ -19,8 +19,21 @@ COMMANDS = ("quantize", "quantize_onnx", "calibrate", "check", "simulate", "comp
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
 
+EPILOG = """examples:
+  torchq quantize --recipe recipes/digits.yaml            PyTorch model -> INT8 ONNX, from a YAML recipe
+  torchq quantize-onnx model.onnx --data calib.npz -o model.int8.onnx
+  torchq report model.onnx model.int8.onnx --data calib.npz -o report/
+  torchq validate model.int8.onnx                          TFLite 8-bit spec check
+
+`torchq COMMAND --help` describes each command.
+exit codes: 0 success, 2 bad input or usage (one line, no traceback; --debug shows it), 1 internal error."""
+
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)  # keep the docstrings' line breaks
+        super().__init__(*args, **kwargs)
+
     def error(self, message):  # argparse exits 2 as well; keep its one-line format
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
@@ -30,10 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="torchq",
         description="Post-training INT8 quantization (TFLite 8-bit spec) of PyTorch and ONNX models for Warboy-class NPUs.",
-        epilog="Exit codes: 0 success, 2 bad input or usage, 1 internal error.",
+        epilog=EPILOG,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or progress messages (also hidden when stderr is not a terminal)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         try:
@@ -43,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # not built yet
             raise
         module.register(sub)
+    for command in sub.choices.values():
+        # Also accepted after the subcommand (`torchq quantize --quiet ...`); SUPPRESS keeps the
+        # subparser from overwriting a value given before it.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
+        command.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or progress messages")
     return parser
 
 

@@ -127,6 +127,52 @@ def _quiet_exporter():
             lg.setLevel(lvl)
 
 
+class _KeywordAdapter(torch.nn.Module):
+    """forward(*inputs) -> model(*positional, **{name: input}) for the TorchScript exporter, whose
+    tracer cannot pass keyword arguments (a trailing dict arrives as one more positional input).
+    The wrapped model's own hooks still see the call exactly as in calibration."""
+
+    def __init__(self, model: torch.nn.Module, keywords: list[str]):
+        super().__init__()
+        self.model = model
+        self.keywords = keywords
+        self.train(model.training)
+
+    def forward(self, *inputs):
+        n = len(inputs) - len(self.keywords)
+        return self.model(*inputs[:n], **dict(zip(self.keywords, inputs[n:])))
+
+
+def _dynamic_shapes_for_kwargs(model, args: tuple, kwargs: Mapping, input_names, dynamic_axes: Mapping):
+    """dynamic_axes as torch.export dynamic_shapes keyed by forward's parameter names.
+
+    torch.onnx converts dynamic_axes to dynamic_shapes positionally, which fails for keyword
+    inputs ("TypeError: too many positional arguments"). With plain tensor arguments the i-th
+    tensor is the i-th ONNX input, so each named axis maps to its parameter; otherwise None
+    (leave the conversion to torch.onnx)."""
+    import inspect
+
+    from torch.export import Dim
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    names = list(input_names or [])
+    shapes, i = {}, 0
+    for pname, value in bound.arguments.items():
+        if isinstance(value, torch.Tensor):
+            onnx_name = names[i] if i < len(names) else pname
+            axes = dynamic_axes.get(onnx_name)
+            shapes[pname] = {int(a): Dim.AUTO for a in axes} if axes else None
+            i += 1
+        elif any(isinstance(x, torch.Tensor) for x in torch.utils._pytree.tree_leaves(value)):
+            return None
+        else:
+            shapes[pname] = None
+    return shapes
+
+
 def export_float_with_markers(
     model: torch.nn.Module,
     args: tuple,
@@ -145,6 +191,8 @@ def export_float_with_markers(
     session.marker = _dynamo_marker if dynamo else _torchscript_marker
     try:
         with session.phase_as(Phase.EXPORT), torch.no_grad(), _quiet_exporter():
+            if dynamo and kwargs and dynamic_axes and dynamic_shapes is None:
+                dynamic_shapes = _dynamic_shapes_for_kwargs(model, args, kwargs, input_names, dynamic_axes)
             if dynamo:
                 program = torch.onnx.export(
                     model,
@@ -162,9 +210,11 @@ def export_float_with_markers(
                 )
                 return program.model_proto
             buffer = io.BytesIO()
-            export_args = args + (dict(kwargs),) if kwargs else args
+            traced, export_args = model, args
+            if kwargs:  # tracing passes inputs positionally only
+                traced, export_args = _KeywordAdapter(model, list(kwargs)), args + tuple(kwargs.values())
             torch.onnx.export(
-                model,
+                traced,
                 export_args,
                 buffer,
                 dynamo=False,
