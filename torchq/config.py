@@ -50,9 +50,10 @@ class QuantConfig(BaseModel):
 
     Accuracy techniques (docs/ACCURACY.md), all off by default:
     equalization     cross-layer equalization + high-bias absorption of Conv/Linear pairs
-    equalization_clip  "relu": ReLU6 / Clip(0, c) between a pair becomes a Relu so the pair can be
-                     equalized (changes the function where pre-activations exceeded c; the report
-                     says how often); "keep": such pairs are left alone (exact)
+    equalization_clip  "keep": pairs joined by ReLU6 / Clip(0, c) are left alone (the float function
+                     is preserved exactly); "relu": such a Clip becomes a Relu so the pair can be
+                     equalized, as AIMET does (changes the function wherever a pre-activation
+                     exceeded c; the report gives the share of calibration values that did)
     bias_correction  empirical bias correction of each layer's quantization-induced mean shift
     adaround         learned up/down rounding of weights, layer by layer (PyTorch autograd)
     adaround_iterations  optimization steps per layer
@@ -79,7 +80,7 @@ class QuantConfig(BaseModel):
     histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
     equalization: bool = False
-    equalization_clip: Literal["relu", "keep"] = "relu"
+    equalization_clip: Literal["keep", "relu"] = "keep"
     bias_correction: bool = False
     adaround: bool = False
     adaround_iterations: int = Field(default=1000, ge=1, le=100_000)

@@ -49,7 +49,7 @@ class Options:
     opset: int | None = None
     histogram_bins: int = DEFAULT_BINS
     equalization: bool = False
-    equalization_clip: Literal["keep", "relu"] = "relu"
+    equalization_clip: Literal["keep", "relu"] = "keep"
     bias_correction: bool = False
     bias_correction_sweeps: int = 1
     smoothquant: float | Literal["auto"] | None = None
