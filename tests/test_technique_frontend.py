@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import onnx
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +168,26 @@ def test_cli_quantize_onnx_with_techniques(tmp_path):
     assert set(json.loads((tmp_path / "r.json").read_text())["techniques"]) == {"bias_correction", "equalization", "method_auto"}
     r = cli("--ranges", str(tmp_path / "r.json"), "--equalization", "-o", str(tmp_path / "q2.onnx"))
     assert r.returncode == 2 and "give --data" in r.stderr and not (tmp_path / "q2.onnx").exists()
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_lightning_callback_runs_the_techniques(tmp_path, exporter):
+    pytest.importorskip("lightning", reason="the Lightning callback needs the optional `lightning` dependency")
+    from torch.utils.data import DataLoader
+
+    from tests.interfaces.lit_models import DictDataset, KeywordClassifier
+    from tests.interfaces.test_lightning import make_trainer
+    from torchq.lightning import QuantizationCallback
+
+    torch.manual_seed(0)
+    config = torchq.QuantConfig(bias_correction=True, method="auto", max_samples=64)
+    cb = QuantizationCallback(config, tmp_path / "q", num_batches=4, export={"exporter": exporter})
+    model = KeywordClassifier()
+    trainer = make_trainer(tmp_path, [cb], limit_train_batches=8)
+    trainer.fit(model, DataLoader(DictDataset("train", 256), batch_size=32), DataLoader(DictDataset("test", 96), batch_size=32))
+    r = cb.last_result
+    assert_valid(onnx.load(r.onnx_path))
+    assert abs(r.int8_metrics["val_acc"] - r.float_metrics["val_acc"]) <= 0.05
+    techniques = json.loads(r.report_path.read_text())["export"]["techniques"]
+    assert {"bias_correction", "method_auto", "samples"} <= set(techniques) and techniques["samples"]["kept"] == 64
+    assert not torchq.is_prepared(model) and samples.store_of(model) is None
