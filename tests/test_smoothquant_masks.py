@@ -114,3 +114,16 @@ def test_the_pytorch_path_handles_masks_when_asked(dynamo):
     qmodel = torchq.quantize(model, batches, batches[0], config, dynamo=dynamo, input_names=["x", "attention_mask"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "attention_mask": {0: "b"}, "y": {0: "b"}})
     assert_valid(qmodel)
     assert _real_positions_sqnr(proto, qmodel, test) > 20
+
+
+def test_the_plain_pytorch_path_warns_about_masks():
+    model, _, calib, _ = _masked("additive")
+    batches = [tuple(torch.from_numpy(a) for a in b) for b in calib]
+    torchq.prepare(model, torchq.QuantConfig(target=None))
+    try:
+        torchq.calibrate(model, batches)
+        with pytest.warns(UserWarning, match="attention_masks=True"):
+            _, report = torchq.export_with_report(model, batches[0], dynamo=False)
+    finally:
+        torchq.unprepare(model)
+    assert "attention mask" in report.techniques["warnings"][0]

@@ -348,6 +348,7 @@ def export_with_report(
             opset=config.opset,
             activation_dtype=config.activation_dtype,
         )
+        techniques = _mask_warning(ir.serde.serialize_model(c.model), c.ranges)
     for tensor, keys in c.bindings.items():
         if tensor in backend_report.float_tensors and any(k in c.mismatched for k in keys):
             backend_report.float_tensors[tensor] = f"calibration and export took different code paths at {keys[0]!r}; its statistics were not used"
@@ -357,6 +358,22 @@ def export_with_report(
     if report_path is not None:
         write_text_atomic(report_path, json.dumps(report.to_dict(), indent=1) + "\n")
     return qmodel, report
+
+
+def _mask_warning(float_model: onnx.ModelProto, ranges) -> dict:
+    """Padded attention on the plain path: say so, and what to do (docs/ACCURACY.md)."""
+    from onnx_backend.techniques.calibration import masked_by_ranges
+
+    masked = masked_by_ranges(float_model, ranges)
+    if not masked:
+        return {}
+    message = (
+        f"an additive attention mask sets the range of {len(masked)} tensor(s) on the way to a Softmax "
+        f"({', '.join(masked[:3])}{', ...' if len(masked) > 3 else ''}), so the real scores get a handful of levels; "
+        "quantize with QuantConfig(attention_masks=True) (or any accuracy technique) to leave the mask out"
+    )
+    warnings.warn(message, stacklevel=3)
+    return {"warnings": [message]}
 
 
 def _check_example_inputs(model, session, args, kwargs) -> None:

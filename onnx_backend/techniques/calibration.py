@@ -7,12 +7,14 @@ Attention masks. Padded batches carry an additive mask: scores + mask, with mask
 positions and a large negative constant (-1e4, -1e9, float32 min, -inf) on padding, then a
 Softmax. Left alone, the masked values set the lower end of every tensor they flow into and
 the real scores collapse into a few quantization steps. A *masked tensor* here is the output of an
-Add / Sub / Where that combines a data operand holding no value <= MASK_MIN with a mask operand
-holding such values (or -inf), and every tensor downstream of it that still holds them, up to
-the Softmax. Its statistics are collected again without the masked values (those below half the
-tensor's observed minimum, and non-finite ones), and its range keeps room below the largest real
-score so that a masked position, saturated at the range's lower end, still gets a softmax
-probability below half an output step: hi - lo >= ln(512 L), L the softmax axis length.
+Add / Sub / Where that combines a data operand (an activation holding no value <= MASK_MIN) with
+a mask operand (a tensor or constant holding such values, or -inf), and every tensor after it on
+the way to the Softmax through ops that carry the mask along (scaling, reshapes, further adds).
+Its statistics are collected again without the masked values -- non-finite ones, and those below
+the middle of the widest empty stretch of its histogram when that stretch spans half the
+observed range (masked values sit far below the real ones) -- and its range keeps room below
+the largest real score so that a masked position, saturated at the range's lower end, still gets
+a softmax probability below half an output step: hi - lo >= ln(512 L), L the last axis length.
 The mask operand itself (0 or the large negative constant) keeps its range, with the lower end
 raised to MASK_MIN: -1e4 is far below any real score, so the sum still saturates at the masked
 tensor's lower end, and the ratio of the two scales stays representable (float32 min / 255
@@ -118,33 +120,74 @@ def collect(model: onnx.ModelProto, feeds: Sequence[Feeds], *, bins: int = DEFAU
 
 
 def _is_mask(st: TensorStatistics, nonfinite: int) -> bool:
+    """Holds mask values: non-finite ones, or values <= MASK_MIN."""
     return nonfinite > 0 or (not st.empty and st.min <= MASK_MIN)
 
 
+def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    out = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    out[n.output[0]] = onnx.numpy_helper.to_array(a.t)
+    return out
+
+
+def _is_mask_constant(v: np.ndarray | None) -> bool:
+    if v is None or v.size == 0 or not np.issubdtype(v.dtype, np.floating):
+        return False
+    finite = v[np.isfinite(v)]
+    return (finite.size < v.size and np.any(np.isneginf(v))) or (finite.size > 0 and float(finite.min()) <= MASK_MIN)
+
+
 def find_masked(model: onnx.ModelProto, stats: dict[str, TensorStatistics], nonfinite: dict[str, int]) -> dict[str, MaskedTensor]:
-    """The tensors an additive attention mask flows into, on the way to a Softmax."""
+    """The tensors an additive attention mask flows into, on the way to a Softmax.
+
+    A chain starts at an Add / Sub / Where with a mask operand (a tensor or constant holding a
+    value <= MASK_MIN, or -inf) and a data operand (an activation holding none), and follows the
+    ops that carry the mask along (PASS_THROUGH) to a Softmax."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
-    has_mask = {n for n, st in stats.items() if _is_mask(st, nonfinite.get(n, 0))}
+    constants = _constant_values(model)
+    masks = {n for n, st in stats.items() if _is_mask(st, nonfinite.get(n, 0))}
+    masks |= {n for n, v in constants.items() if _is_mask_constant(v)}
     found: dict[str, MaskedTensor] = {}
     for node in model.graph.node:
-        if node.op_type not in MASK_OPS or not node.output or node.output[0] not in has_mask:
+        if node.op_type not in MASK_OPS or not node.output or node.output[0] not in stats:
             continue
-        if not any(i in stats and i not in has_mask and not stats[i].empty for i in node.input):
-            continue  # no data operand: a mask combined with another mask
-        chain = _chain_to_softmax(node.output[0], consumers, has_mask)
-        for t in chain or ():
-            st = stats[t]
-            # masked values sit at the tensor's minimum; real scores lie far above half of it
-            floor = st.min / 2 if not st.empty and st.min <= MASK_MIN else -math.inf
-            found[t] = MaskedTensor(floor=floor, softmax_length=1)
+        operands = [i for i in node.input if i]
+        if not any(i in masks for i in operands) or not any(i in stats and i not in masks and not stats[i].empty for i in operands):
+            continue
+        for t in _chain_to_softmax(node.output[0], consumers) or ():
+            if t in stats:
+                found[t] = MaskedTensor(floor=mask_floor(stats[t]), softmax_length=1)
     return found
 
 
-def _chain_to_softmax(start: str, consumers, has_mask: set[str]) -> list[str] | None:
-    """Tensors from `start` on that still hold mask values, if they reach a Softmax (else None)."""
+def mask_floor(st: TensorStatistics) -> float:
+    """Where a tensor's masked values end: the middle of the widest empty stretch of its
+    histogram, if that stretch spans at least half of the observed range (masked values sit far
+    below the real ones); -inf when there is none (no padding seen, or only -inf masks)."""
+    if st.empty or st.max <= st.min:
+        return -math.inf
+    nz = np.flatnonzero(st.counts)
+    if nz.size < 2:
+        return -math.inf
+    gaps = np.diff(nz)
+    k = int(np.argmax(gaps))
+    width = st.bin_width
+    lo_edge = (st.offset + nz[k] + 1) * width  # top of the last occupied bin below the gap
+    hi_edge = (st.offset + nz[k + 1]) * width  # bottom of the first occupied bin above it
+    if hi_edge - lo_edge < 0.5 * (st.max - st.min):
+        return -math.inf
+    return (lo_edge + hi_edge) / 2
+
+
+def _chain_to_softmax(start: str, consumers) -> list[str] | None:
+    """Tensors from `start` through the mask-carrying ops, if they reach a Softmax (else None)."""
     chain, frontier, seen, reaches = [start], [start], {start}, False
     while frontier:
         t = frontier.pop()
@@ -153,8 +196,16 @@ def _chain_to_softmax(start: str, consumers, has_mask: set[str]) -> list[str] | 
                 reaches = True
             elif node.op_type in PASS_THROUGH:
                 for o in node.output:
-                    if o in has_mask and o not in seen:
+                    if o and o not in seen:
                         seen.add(o)
                         chain.append(o)
                         frontier.append(o)
     return chain if reaches else None
+
+
+def masked_by_ranges(model: onnx.ModelProto, ranges: dict[str, tuple[float, float]]) -> list[str]:
+    """Tensors whose (already chosen) range an additive attention mask has stretched below
+    MASK_MIN / 100: for warning users of the plain path, whose histograms cannot separate the
+    masked values any more."""
+    stats = {name: TensorStatistics(DEFAULT_BINS, float(lo), float(hi), 1) for name, (lo, hi) in ranges.items()}
+    return sorted(t for t in find_masked(model, stats, {}) if stats[t].min <= MASK_MIN / 100)
