@@ -259,6 +259,7 @@ class Planner:
             self.plan.float_tensors[out.name] = "no calibration statistics for this tensor"
             return
         self.plan.absorbed[act.name] = x.producer().name
+        self.plan.activations.pop(x.name, None)  # the producer's output is now internal to it
         self.plan.activations[out.name] = p
 
     def _share_scale(self, node: ir.Node) -> None:
@@ -393,7 +394,7 @@ class Planner:
     def _report_unquantized(self) -> None:
         """List float activations next to int8 nodes that got no parameters."""
         for node in self.graph:
-            if not self.runs_int8(node):
+            if not self.runs_int8(node) or node.name in self.plan.absorbed:  # absorbed: leaves the graph
                 continue
             for i in spec.activation_input_indices(node.op_type, len(node.inputs)):
                 v = node.inputs[i]

@@ -58,6 +58,9 @@ def test_zoo_model_quantizes_to_the_spec_and_keeps_accuracy(name, dynamo):
     assert output_sqnr(entry, model, qmodel) >= SQNR_MIN_DB["mse"]
     # every tensor left in float is reported, and none is left silently
     assert report.float_tensors == {}, report.describe()
+    # the report counts what the model holds: one QuantizeLinear per tensor and per requantized edge
+    summary = report.backend.plan.summary()
+    assert summary["quantized_tensors"] + summary["requantized_edges"] == sum(n.op_type == "QuantizeLinear" for n in qmodel.graph.node)
 
 
 @pytest.mark.parametrize("name", ["residual", "transformer_block", "unet", "squeeze_excitation"])

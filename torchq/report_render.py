@@ -7,13 +7,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from onnx_backend.errors import OutputPathError
-from onnx_backend.model_io import _umask_mode, write_text_atomic
+from onnx_backend.model_io import atomic_output, write_text_atomic
 
 from .report import QuantReport, TensorResult
 
@@ -58,18 +57,9 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    """Write a figure atomically (temporary file in the folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OutputPathError(f"{path}: could not write ({exc.strerror or exc}); nothing was written") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write a figure atomically."""
+    with atomic_output(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     return path
 
 

@@ -120,7 +120,7 @@ def test_internal_errors_exit_1(tmp_path):
 
 def test_report_command(tmp_path, digits_models):
     out = tmp_path / "rep"
-    p = torchq("report", digits_models["float"], digits_models["entropy"], "--data", digits_models["data"], "--batch-size", "64", "--top", "2", "-o", out)
+    p = torchq("report", digits_models["float"], digits_models["clipped"], "--data", digits_models["data"], "--batch-size", "64", "--top", "2", "-o", out)
     assert p.returncode == 0, p.stderr
     assert "most SQNR lost at:" in p.stdout and p.stdout.count(" dB  ") == 5
     assert {f.name for f in out.iterdir()} >= {"report.md", "report.html", "report.json", "sqnr_per_layer.png"}

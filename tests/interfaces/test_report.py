@@ -22,47 +22,47 @@ def samples(path, batch=32):
 
 
 @pytest.fixture(scope="module")
-def entropy_report(digits_models):
-    return compare(digits_models["float"], digits_models["entropy"], samples(digits_models["data"]), top=3)
+def clipped_report(digits_models):
+    return compare(digits_models["float"], digits_models["clipped"], samples(digits_models["data"]), top=3)
 
 
-def test_output_sqnr_matches_a_direct_computation(digits_models, entropy_report):
+def test_output_sqnr_matches_a_direct_computation(digits_models, clipped_report):
     x = np.load(digits_models["data"])["image"]
     (f,) = run_onnx(str(digits_models["float"]), {"image": x})
-    (q,) = run_onnx(str(digits_models["entropy"]), {"image": x})
-    logits = next(t for t in entropy_report.tensors if t.name == "logits")
+    (q,) = run_onnx(str(digits_models["clipped"]), {"image": x})
+    logits = next(t for t in clipped_report.tensors if t.name == "logits")
     assert logits.sqnr_db == pytest.approx(sqnr_db(f, q), abs=1e-3)
 
 
-def test_the_input_has_no_upstream_error(entropy_report):
-    image = next(t for t in entropy_report.tensors if t.name == "image")
+def test_the_input_has_no_upstream_error(clipped_report):
+    image = next(t for t in clipped_report.tensors if t.name == "image")
     assert image.sqnr_db == pytest.approx(image.own_sqnr_db) and image.clipped == 0
 
 
-def test_worst_first_and_the_culprit_is_found(entropy_report):
-    acts = entropy_report.worst()
+def test_worst_first_and_the_culprit_is_found(clipped_report):
+    acts = clipped_report.worst()
     assert [t.sqnr_db for t in acts] == sorted(t.sqnr_db for t in acts)
-    # entropy clips the first ReLU output hard: it is the worst by its own quantization ...
-    culprit = entropy_report.worst(1, own=True)[0]
+    # the override clips the first ReLU output hard: it is the worst by its own quantization ...
+    culprit = clipped_report.worst(1, own=True)[0]
     assert culprit.clipped > 0.05 and culprit.op_type == "Conv"
     # ... the layer that loses the most SQNR is the one that produces it ...
-    assert entropy_report.layers[0].output == culprit.name and entropy_report.layers[0].lost_db > 20
+    assert clipped_report.layers[0].output == culprit.name and clipped_report.layers[0].lost_db > 20
     # ... and min-max would not clip it at all, with a far better SQNR
-    by_method = {m.method: m for m in entropy_report.method_ranges[culprit.name]}
+    by_method = {m.method: m for m in clipped_report.method_ranges[culprit.name]}
     assert by_method["min_max"].clipped == 0 and by_method["min_max"].sqnr_db > culprit.own_sqnr_db + 20
-    assert by_method["entropy"].range == pytest.approx(culprit.range, rel=1e-3)  # the range the model uses
+    assert by_method["percentile"].clipped < culprit.clipped  # the default 99.99 % keeps far more
 
 
-def test_mse_model_is_better_than_entropy_model(digits_models, entropy_report):
+def test_mse_model_is_better_than_the_clipped_model(digits_models, clipped_report):
     mse = compare(digits_models["float"], digits_models["mse"], samples(digits_models["data"]), top=1)
     out = {r.name: r for r in mse.tensors}["logits"]
-    assert out.sqnr_db > {r.name: r for r in entropy_report.tensors}["logits"].sqnr_db + 10
+    assert out.sqnr_db > {r.name: r for r in clipped_report.tensors}["logits"].sqnr_db + 10
     weights = mse.worst(kind="weight")
     assert weights and all(w.sqnr_db > 30 and w.clipped == 0 and w.per_channel for w in weights)
 
 
-def test_written_report(tmp_path, entropy_report):
-    files = write_report(entropy_report, tmp_path / "r")
+def test_written_report(tmp_path, clipped_report):
+    files = write_report(clipped_report, tmp_path / "r")
     names = {p.name for p in (tmp_path / "r").iterdir()}
     assert {"report.md", "report.html", "report.json", "sqnr_per_layer.png"} <= names
     assert sum(n.startswith("hist_") for n in names) == 3
@@ -74,8 +74,8 @@ def test_written_report(tmp_path, entropy_report):
     html = (tmp_path / "r" / "report.html").read_text()
     assert html.count("<img") == 4 and "<table>" in html
     data = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert len(data["tensors"]) == len(entropy_report.tensors)
-    assert set(data["method_ranges"]) == set(entropy_report.method_ranges)
+    assert len(data["tensors"]) == len(clipped_report.tensors)
+    assert set(data["method_ranges"]) == set(clipped_report.method_ranges)
     assert not math.isnan(data["layers"][0]["lost_db"])
 
 
