@@ -191,3 +191,14 @@ def test_lightning_callback_runs_the_techniques(tmp_path, exporter):
     techniques = json.loads(r.report_path.read_text())["export"]["techniques"]
     assert {"bias_correction", "method_auto", "samples"} <= set(techniques) and techniques["samples"]["kept"] == 64
     assert not torchq.is_prepared(model) and samples.store_of(model) is None
+
+
+def test_sensitivity_api_on_an_onnx_model():
+    entry = ZOO["conv_bn_relu"]
+    data = [[t.numpy() for t in s] for s in entry.calibration(3)]
+    proto = export(entry.model(), tuple(torch.from_numpy(a) for a in data[0]))
+    report = torchq.sensitivity(proto, data, torchq.QuantConfig(target=None))
+    assert len(report.layers) == 3 and report.float_metric == float("inf")
+    # a layer alone costs less than all of them together, and keeping one float helps
+    assert all(s.only >= report.quantized_metric and s.all_but >= report.quantized_metric - 0.5 for s in report.layers)
+    assert report.table().count("\n") == len(report.layers) + 2

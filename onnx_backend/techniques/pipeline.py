@@ -18,8 +18,8 @@ accuracy-targeted fallback) does not repeat them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -30,7 +30,7 @@ from ..quantizer import QuantizationReport, quantize_with_report
 from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA
 from ..statistics import DEFAULT_BINS
 from . import bias_correction, calibration, equalization
-from .graph import Feeds, as_feeds, copy_model, prepare, to_proto
+from .graph import Feeds, as_feeds, prepare, to_proto
 
 METHODS = ("min_max", "percentile", "mse", "entropy", "sqnr")
 
