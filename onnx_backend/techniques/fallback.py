@@ -5,7 +5,9 @@ metric, e.g. 0.995, or an absolute value), the search
 
 1. quantizes everything; if the goal is met, nothing stays float;
 2. measures, for every layer (see sensitivity.layer_groups), the metric with only that layer
-   kept in float, and ranks the layers by that gain (ties: larger drop when quantized alone);
+   kept in float and the metric with only that layer quantized, and ranks the layers by how much
+   their quantization costs: the gain from keeping it float plus the drop when it alone is
+   quantized (the second shows where the error is spread thin over many layers);
 3. keeps layers in float in that order, one more each step, until the goal is met;
 4. then tries to return each of them to int8 (latest first) and does so wherever the goal is
    still met, so the set it returns is minimal: no layer in it can go back to int8 alone.
@@ -14,11 +16,12 @@ The float layers are ordinary excluded nodes: the quantized model leaves them un
 report lists them ("excluded by configuration") and the NPU check shows them as host fallback.
 If the goal is never met, the best model seen (highest metric; fewer float layers on ties) is
 returned with `met = False`: there is always a model and a report. Cost: one evaluation for the
-full model, one per layer, one per step, one per pruning try.
+full model, two per layer, one per step, one per pruning try.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -57,12 +60,34 @@ class TargetReport:
         return f"target {self.goal:.4g} {status}: metric {self.metric:.4g} (float {self.float_metric:.4g}); layers kept in float: {keep}"
 
 
-def quantize_to_target(prepared, metric: Metric, *, relative: float | None = 0.995, absolute: float | None = None, float_metric: float | None = None, candidates: Sequence[str] | None = None) -> tuple[onnx.ModelProto, TargetReport]:
+def _harm(s: LayerSensitivity, base: float, f_metric: float, rank: str) -> float:
+    """How much a layer's quantization costs: its gain from staying float, plus (rank "both") its
+    drop when quantized alone."""
+    gain = s.all_but - base
+    if rank != "both":
+        return gain
+    return gain + (f_metric - s.only if math.isfinite(f_metric) else -s.only)
+
+
+def quantize_to_target(
+    prepared,
+    metric: Metric,
+    *,
+    relative: float | None = 0.995,
+    absolute: float | None = None,
+    float_metric: float | None = None,
+    candidates: Sequence[str] | None = None,
+    rank: str = "both",
+) -> tuple[onnx.ModelProto, TargetReport]:
     """The quantized model with the fewest float layers that meets the goal (or the best found).
 
     `prepared` is a pipeline.Prepared; `float_metric` defaults to metric(prepared's float model);
-    `candidates` restricts which layers may stay float.
+    `candidates` restricts which layers may stay float. `rank` "both" orders the layers by their
+    gain from staying float plus their drop when quantized alone (two evaluations per layer: errors
+    spread over many layers show in the second); "all_but" by the gain alone (one).
     """
+    if rank not in ("both", "all_but"):
+        raise ValueError(f"rank must be 'both' or 'all_but', got {rank!r}")
     if absolute is None and relative is None:
         raise ValueError("give a relative or an absolute target")
     f_metric = metric(prepared.float_model()) if float_metric is None else float_metric
@@ -95,8 +120,9 @@ def quantize_to_target(prepared, metric: Metric, *, relative: float | None = 0.9
     sensitivity = SensitivityReport(f_metric, base)
     op_of = {n.name: n.op_type for n in prepared.model.graph}
     for name in groups:
-        sensitivity.layers.append(LayerSensitivity(name, op_of.get(name, "?"), float("nan"), evaluate([name])))
-    order = [s.layer for s in sorted(sensitivity.layers, key=lambda s: -s.all_but)]
+        only = evaluate([k for k in groups if k != name]) if rank == "both" else float("nan")
+        sensitivity.layers.append(LayerSensitivity(name, op_of.get(name, "?"), only, evaluate([name])))
+    order = [s.layer for s in sorted(sensitivity.layers, key=lambda s: -_harm(s, base, f_metric, rank))]
     keep: list[str] = []
     met = False
     for name in order:
