@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -23,9 +23,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup -q
 
+# Regenerates docs/BENCHMARKS.md and docs/bench/ (about 30 minutes; trained weights cached in bench/.cache)
 bench: $(STAMP)
 	$(PY) -m bench.run
 
+# Tiny settings, a minute or two; writes out/bench-quick/
 bench-quick: $(STAMP)
 	$(PY) -m bench.run --quick
 

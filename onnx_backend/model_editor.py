@@ -134,6 +134,65 @@ class ModelEditor:
         vi.type.tensor_type.elem_type = tensor_type.value
 
 
+    def convert_activation_dtype(self, tensor_type: TensorType) -> None:
+        """Store every quantized activation as `tensor_type`: int8 <-> uint8 shifts zero points
+        (and the codes of quantized constants) by 128, so the real values do not change.
+
+        Weights of Conv / ConvTranspose / Gemm / MatMul stay int8 and biases int32: onnxruntime's
+        x86 integer kernels are u8 x s8. Its own int8 -> uint8 conversion applies only where a
+        quantized tensor has a single consumer, and a node whose input and output types then
+        differ runs in float; converting everything here lets every node fuse.
+        """
+        g = self.model.graph
+        inits = {t.name: t for t in g.initializer}
+        weights = _weight_initializers(self.model)
+        to_dtype, shift = (np.uint8, 128) if tensor_type is TensorType.UINT8 else (np.int8, -128)
+        from_type = onnx.TensorProto.INT8 if tensor_type is TensorType.UINT8 else onnx.TensorProto.UINT8
+        shifted: set[str] = set()
+
+        def shift_init(name: str) -> None:
+            t = inits.get(name)
+            if t is None or name in shifted or t.data_type != from_type:
+                return
+            value = numpy_helper.to_array(t).astype(np.int16) + shift
+            t.CopyFrom(numpy_helper.from_array(value.astype(to_dtype), name))
+            shifted.add(name)
+
+        retyped: set[str] = set()
+        for node in g.node:
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+                continue
+            if node.op_type == "DequantizeLinear" and node.input[0] in weights:
+                continue
+            shift_init(node.input[2])
+            if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+                shift_init(node.input[0])  # a quantized constant: its codes move with the zero point
+            retyped.add(node.output[0] if node.op_type == "QuantizeLinear" else node.input[0])
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            if (vi.name in retyped or vi.name in shifted) and vi.type.tensor_type.elem_type == from_type:
+                vi.type.tensor_type.elem_type = tensor_type.value
+        for p in self.model.metadata_props:
+            if p.key.startswith("torchq.output.") and p.key.endswith(".zero_point"):
+                p.value = str(int(p.value) + shift)
+
+
+def _weight_initializers(model: onnx.ModelProto) -> set[str]:
+    """Initializers behind the DequantizeLinear of a Conv/ConvTranspose/Gemm/MatMul weight."""
+    from .spec import SPEC
+
+    producer = {n.output[0]: n for n in model.graph.node if n.output}
+    inits = {t.name for t in model.graph.initializer}
+    out = set()
+    for n in model.graph.node:
+        rule = SPEC.get(n.op_type)
+        if rule is None or rule.weight_input is None or len(n.input) <= rule.weight_input:
+            continue
+        dq = producer.get(n.input[rule.weight_input])
+        if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+            out.add(dq.input[0])
+    return out
+
+
 def apply_pending(model: onnx.ModelProto) -> onnx.ModelProto:
     """Carry out conversions requested on the float model (called by quantize)."""
     pending = pending_conversions(model)

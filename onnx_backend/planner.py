@@ -106,7 +106,6 @@ class Planner:
         exclude_nodes: set[str] | frozenset[str] = frozenset(),
         exclude_tensors: set[str] | frozenset[str] = frozenset(),
         symmetric_constants: bool = False,
-        activation_qtype: qmath.QType = qmath.QType.INT8,
     ):
         self.graph = model.graph
         self.ranges = ranges
@@ -114,7 +113,6 @@ class Planner:
         self.supports = supports
         self.exclude_nodes = set(exclude_nodes) | self._producers_of(exclude_tensors)
         self.symmetric_constants = symmetric_constants
-        self.qtype = activation_qtype  # INT8 (the spec's storage) or UINT8 (same grid, zero point + 128)
         self.plan = QuantPlan()
         self.int8: dict[int, bool] = {}
         self.biases_of_matmul: dict[str, tuple[ir.Node, int]] = {}  # matmul name -> (add, index)
@@ -175,7 +173,7 @@ class Planner:
             lo = clamp[0] if clamp[0] == 0 else lo  # absorbed Relu: zero point at qmin, exactly
             hi = max(hi, lo)
         symmetric = lo < 0 and lo == -hi  # a range symmetric about 0 gets zero point 0
-        return qmath.activation_params(lo, hi, symmetric=symmetric, qtype=self.qtype)
+        return qmath.activation_params(lo, hi, symmetric=symmetric)
 
     def _absorbable(self, act: ir.Node) -> tuple[float, float] | None:
         """Clip bounds if `act` can be absorbed into its producer, else None."""
@@ -225,8 +223,8 @@ class Planner:
         if not self.runs_int8(node):
             return None
         if rule.output is spec.OutputScale.FIXED:
-            scale, zero = rule.fixed  # the spec's int8 zero point
-            return QuantParams(np.float32(scale), np.asarray(zero - qmath.QType.INT8.qmin + self.qtype.qmin), self.qtype)
+            scale, zero = rule.fixed
+            return QuantParams(np.float32(scale), np.int8(zero))
         if rule.output is spec.OutputScale.SAME_AS_INPUT and not rule.all_inputs_share_scale:
             x = node.inputs[0]
             source = self._activation_params_of(x)
@@ -237,7 +235,7 @@ class Planner:
         if rule.all_inputs_share_scale and out.name not in self.ranges:
             ins = [self.ranges.get(i.name) for i in node.inputs if i is not None and is_float_activation(i)]
             if ins and all(r is not None for r in ins):
-                return qmath.activation_params(min(r[0] for r in ins), max(r[1] for r in ins), qtype=self.qtype)
+                return qmath.activation_params(min(r[0] for r in ins), max(r[1] for r in ins))
         return None
 
     def _activation_params_of(self, v: ir.Value | None) -> QuantParams | None:
@@ -386,8 +384,8 @@ class Planner:
         lo, hi = float(np.min(arr)), float(np.max(arr))
         if self.symmetric_constants and lo < 0:
             a = max(-lo, hi)
-            return qmath.activation_params(-a, a, symmetric=True, qtype=self.qtype)
-        return qmath.activation_params(lo, hi, qtype=self.qtype)
+            return qmath.activation_params(-a, a, symmetric=True)
+        return qmath.activation_params(lo, hi)
 
     # ---- report ----------------------------------------------------------------------------------
 

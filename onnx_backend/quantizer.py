@@ -12,12 +12,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from .errors import ConfigError, InvalidModelError
-from .model_editor import apply_pending
+from .model_editor import ModelEditor, TensorType, apply_pending
 from .model_io import MIN_OPSET, load_model, upgrade_opset
 from .optimize import optimize_ir
 from .planner import QuantPlan, Supports, plan_quantization, supports_everything
 from .qdq import apply_plan
-from .qmath import QType
 
 
 @dataclass
@@ -47,17 +46,9 @@ class QuantizationReport:
         return "\n".join(lines)
 
 
-ACTIVATION_DTYPES = {"int8": QType.INT8, "uint8": QType.UINT8}
-
-
-def activation_qtype(name: str) -> QType:
-    """int8: the spec's storage, what the NPU consumes. uint8: the same grid with zero points
-    + 128 -- onnxruntime's x86 kernels are u8 x s8, and an int8 model only fuses where
-    onnxruntime manages to convert it (not where a tensor has several consumers)."""
-    try:
-        return ACTIVATION_DTYPES[name]
-    except KeyError:
-        raise ConfigError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {name!r}") from None
+# int8: the spec's storage, what the NPU consumes. uint8: the same grid with zero points + 128,
+# for onnxruntime's x86 kernels (see ModelEditor.convert_activation_dtype).
+ACTIVATION_DTYPES = {"int8": TensorType.INT8, "uint8": TensorType.UINT8}
 
 
 def resolve_target(target) -> Supports:
@@ -114,6 +105,8 @@ def quantize_with_report(
     round-to-nearest (AdaRound's learned rounding): same scales, each value floor or ceil of
     weight / scale; anything else is an error.
     """
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise ConfigError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
     ir_model = _prepare_ir(model, opset, optimize)
     excluded = match_nodes(ir_model, exclude_nodes)
     plan = plan_quantization(
@@ -123,10 +116,11 @@ def quantize_with_report(
         supports=resolve_target(target),
         exclude_nodes=excluded,
         exclude_tensors=set(exclude_tensors),
-        activation_qtype=activation_qtype(activation_dtype),
     )
     apply_plan(ir_model, plan, weight_overrides)
     proto = apply_pending(ir.serde.serialize_model(ir_model))
+    if activation_dtype != "int8":
+        ModelEditor(proto).convert_activation_dtype(ACTIVATION_DTYPES[activation_dtype])
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as exc:

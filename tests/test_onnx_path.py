@@ -296,3 +296,36 @@ def test_models_too_large_for_protobuf_are_written_with_external_data(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
     reloaded = model_io.load_model(tmp_path / "big.onnx")
     assert [numpy_helper.to_array(t).tobytes() for t in reloaded.graph.initializer] == [numpy_helper.to_array(t).tobytes() for t in model.graph.initializer]
+
+
+def test_convert_activation_dtype_keeps_every_value_and_round_trips():
+    class WithConstant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)) + torch.linspace(-1.0, 2.0, 16).reshape(1, 1, 4, 4)
+
+    model = torchq.prepare(WithConstant().eval(), target=None)
+    xs = [torch.randn(2, 3, 4, 4) for _ in range(3)]
+    torchq.calibrate(model, xs)
+    q8 = torchq.export(model, xs[0], dynamo=False, input_names=["x"])
+    torchq.unprepare(model)
+    original = q8.SerializeToString()
+    qu8 = onnx.ModelProto()
+    qu8.CopyFrom(q8)
+    ModelEditor(qu8).convert_activation_dtype(TensorType.UINT8)
+    inits = {t.name: numpy_helper.to_array(t) for t in qu8.graph.initializer}
+    assert {v.dtype for k, v in inits.items() if k.endswith("weight_quantized")} == {np.dtype(np.int8)}
+    assert {v.dtype for k, v in inits.items() if k.endswith("_zero_point") and "weight" not in k and v.dtype.itemsize == 1} == {np.dtype(np.uint8)}
+    assert any(v.dtype == np.uint8 and v.size == 16 for v in inits.values())  # the constant's codes moved too
+    assert_valid(qu8)
+    x = xs[1].numpy()
+    # the same grid: onnxruntime runs the int8 model partly in float and the uint8 one fused,
+    # so the outputs differ by at most one step of the output's scale
+    out_dq = next(n for n in qu8.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == qu8.graph.output[0].name)
+    step = float(inits[out_dq.input[1]])
+    assert np.max(np.abs(run_onnx(qu8, {"x": x})[0] - run_onnx(q8, {"x": x})[0])) <= step * 1.001
+    ModelEditor(qu8).convert_activation_dtype(TensorType.INT8)
+    assert qu8.SerializeToString() == original

