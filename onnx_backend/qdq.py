@@ -14,10 +14,13 @@ before it is renamed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx_ir as ir
 
 from . import qmath
+from .errors import InvalidModelError
 from .planner import QuantPlan
 from .qmath import QuantParams
 
@@ -102,13 +105,14 @@ class QDQWriter:
         _, dq = self.quantize_dequantize(src, params, f"{node_name}_input{index}_requant")
         node.replace_input_with(index, dq.outputs[0])
 
-    def quantize_constant(self, node_name: str, index: int, params: QuantParams) -> None:
+    def quantize_constant(self, node_name: str, index: int, params: QuantParams, override: np.ndarray | None = None) -> None:
         node = self.nodes[node_name]
         src = node.inputs[index]
         key = (src.name, params.qtype, params.axis, params.scale.tobytes(), params.zero_point.tobytes())
         dq_out = self._dq_cache.get(key)
         if dq_out is None:
-            q = qmath.quantize(ir.convenience.get_const_tensor(src).numpy(), params)
+            real = ir.convenience.get_const_tensor(src).numpy()
+            q = qmath.quantize(real, params) if override is None else checked_override(src.name, real, params, override)
             qvalue = self.initializer(q, f"{src.name}_quantized")
             scale, zero = self._params_inputs(params, src.name)
             dq = ir.node("DequantizeLinear", [qvalue, scale, zero], attributes=self._axis_attrs(params), name=self.unique(f"{src.name}_DequantizeLinear"))
@@ -128,8 +132,31 @@ class QDQWriter:
         self.graph.sort()
 
 
-def apply_plan(model: ir.Model, plan: QuantPlan) -> ir.Model:
-    """Edit `model` in place by `plan`; returns it."""
+def checked_override(name: str, real: np.ndarray, params: QuantParams, q: np.ndarray) -> np.ndarray:
+    """An integer weight chosen by the caller (AdaRound): the same scale, rounded up or down.
+
+    Each value must be floor or ceil of weight / scale, within the weight's integer range, so an
+    override can change the rounding but never the quantization parameters.
+    """
+    q = np.asarray(q)
+    if q.shape != real.shape or not np.issubdtype(q.dtype, np.integer):
+        raise InvalidModelError(f"weight override for {name!r}: expected integers of shape {list(real.shape)}, got {q.dtype} {list(q.shape)}")
+    scale, zero = qmath._broadcast(params, real.ndim)
+    exact = real.astype(np.float64) / scale.astype(np.float64) + zero.astype(np.float64)
+    lo = np.clip(np.floor(exact - 1e-6), params.qtype.qmin, params.qtype.qmax)
+    hi = np.clip(np.ceil(exact + 1e-6), params.qtype.qmin, params.qtype.qmax)
+    if np.any(q < lo) or np.any(q > hi):
+        raise InvalidModelError(f"weight override for {name!r} is not a rounding of weight / scale (a value is more than one step away); were the scales computed for another plan?")
+    return q.astype(params.qtype.np_dtype)
+
+
+def apply_plan(model: ir.Model, plan: QuantPlan, weight_overrides: Mapping[str, np.ndarray] | None = None) -> ir.Model:
+    """Edit `model` in place by `plan`; returns it.
+
+    `weight_overrides` ({weight initializer name: integer array}) replaces round-to-nearest for
+    those weights (see `checked_override`); names that are not quantized weights are ignored.
+    """
+    overrides = dict(weight_overrides or {})
     writer = QDQWriter(model)
     for activation in plan.absorbed:
         writer.absorb(activation)
@@ -141,6 +168,8 @@ def apply_plan(model: ir.Model, plan: QuantPlan) -> ir.Model:
     for node_name, index, params in plan.requantize:
         writer.requantize_edge(node_name, index, params)
     for c in plan.constants:
-        writer.quantize_constant(c.node, c.input_index, c.params)
+        name = writer.nodes[c.node].inputs[c.input_index].name
+        override = overrides.get(name) if c.kind == "weight" else None
+        writer.quantize_constant(c.node, c.input_index, c.params, override)
     writer.finish()
     return model

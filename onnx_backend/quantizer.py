@@ -6,6 +6,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -97,11 +98,15 @@ def quantize_with_report(
     optimize: bool = True,
     activation_dtype: str = "int8",
     consume_input: bool = False,
+    weight_overrides: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Quantize and also return the report of what stayed in float and why.
 
     `consume_input=True` lets a ModelProto the caller no longer needs be modified and reused
     instead of copied (one model's size less at the peak; torchq.export uses it).
+    `weight_overrides` maps weight initializer names to integer arrays that replace
+    round-to-nearest (AdaRound's learned rounding): same scales, each value floor or ceil of
+    weight / scale; anything else is an error.
     """
     if activation_dtype not in ACTIVATION_DTYPES:
         raise ConfigError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
@@ -115,7 +120,7 @@ def quantize_with_report(
         exclude_nodes=excluded,
         exclude_tensors=set(exclude_tensors),
     )
-    apply_plan(ir_model, plan)
+    apply_plan(ir_model, plan, weight_overrides)
     proto = apply_pending(ir.serde.serialize_model(ir_model))
     if activation_dtype != "int8":
         ModelEditor(proto).convert_activation_dtype(ACTIVATION_DTYPES[activation_dtype])

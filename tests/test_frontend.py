@@ -123,7 +123,7 @@ def test_example_inputs_that_do_not_fit_are_an_error():
 
 
 def test_unknown_method_lists_the_allowed_ones():
-    with pytest.raises(torchq.ConfigError, match="method.*'min_max', 'percentile', 'mse', 'entropy' or 'sqnr'"):
+    with pytest.raises(torchq.ConfigError, match="method.*'min_max', 'percentile', 'mse', 'entropy', 'sqnr' or 'auto'"):
         torchq.prepare(ZOO["residual"].model(), method="kl")
     with pytest.raises(torchq.ConfigError, match="unknown key"):
         torchq.QuantConfig  # noqa: B018

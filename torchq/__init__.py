@@ -14,6 +14,7 @@ from .config import Override, QuantConfig
 from .export import ExportReport, export, export_float, export_with_report
 from .prepare import is_prepared, prepare, unprepare
 from .recipes import Recipe
+from .techniques import quantize_onnx, quantize_to_target, sensitivity
 
 __version__ = "0.1.0"
 
@@ -34,5 +35,8 @@ __all__ = [
     "is_prepared",
     "prepare",
     "quantize",
+    "quantize_onnx",
+    "quantize_to_target",
+    "sensitivity",
     "unprepare",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -13,6 +13,9 @@ from onnx_backend.statistics import DEFAULT_BINS
 
 MethodName = Literal["min_max", "percentile", "mse", "entropy", "sqnr"]
 METHODS: tuple[str, ...] = ("min_max", "percentile", "mse", "entropy", "sqnr")
+MethodOrAuto = Literal["min_max", "percentile", "mse", "entropy", "sqnr", "auto"]
+DEFAULT_MAX_SAMPLES = 512
+DEFAULT_MAX_SAMPLE_BYTES = 256 * 2**20
 
 
 class Override(BaseModel):
@@ -21,7 +24,7 @@ class Override(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     pattern: str
-    method: MethodName | None = None
+    method: MethodOrAuto | None = None
     symmetric: bool | None = None
     percentile: float | None = Field(default=None, gt=0, le=100)
     keep_float: bool = Field(default=False, alias="float")  # keep these modules in float
@@ -30,7 +33,9 @@ class Override(BaseModel):
 class QuantConfig(BaseModel):
     """How to quantize. Every field has a default; unknown fields are an error.
 
-    method      range selection: min_max | percentile | mse | entropy | sqnr
+    method      range selection: min_max | percentile | mse | entropy | sqnr, or auto: per
+                tensor, the method (of all ten, symmetric or not) whose range best preserves the
+                outputs of the nodes reading the tensor on the calibration data
     symmetric   zero point 0 and [-a, a] (a never-negative tensor uses [0, a])
     percentile  for method=percentile: share of the mass kept (99.99 by default)
     per_channel per-output-channel weight scales (True) or one per tensor
@@ -42,11 +47,28 @@ class QuantConfig(BaseModel):
                 which onnxruntime needs on x86 to run every quantized op in integer kernels
     histogram_bins  resolution of the streaming histograms
     sqnr_gamma  weight of clipping noise in the sqnr method (1 would make it mse)
+
+    Accuracy techniques (docs/ACCURACY.md), all off by default:
+    equalization     cross-layer equalization + high-bias absorption of Conv/Linear pairs
+    equalization_clip  "keep": pairs joined by ReLU6 / Clip(0, c) are left alone (the float function
+                     is preserved exactly); "relu": such a Clip becomes a Relu so the pair can be
+                     equalized, as AIMET does (changes the function wherever a pre-activation
+                     exceeded c; the report gives the share of calibration values that did)
+    bias_correction  empirical bias correction of each layer's quantization-induced mean shift
+    adaround         learned up/down rounding of weights, layer by layer (PyTorch autograd)
+    adaround_iterations  optimization steps per layer
+    smoothquant      SmoothQuant for Linear layers after LayerNorm / Linear: alpha in (0, 1), or
+                     "auto" to choose alpha per layer on the calibration data
+    attention_masks  recalibrate so that additive attention masks (values <= -1e4 or -inf added
+                     before a Softmax) do not set ranges; on whenever a technique above is on
+    max_samples, max_sample_bytes  with any technique on (or method auto), `prepare` keeps up to
+                     this many calibration samples (items along the batch axis) and bytes of
+                     model inputs, from the first batches; `export` recalibrates on them
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: MethodName = "mse"
+    method: MethodOrAuto = "mse"
     symmetric: bool = False
     percentile: float = Field(default=DEFAULT_PERCENTILE, gt=0, le=100)
     per_channel: bool = True
@@ -57,6 +79,21 @@ class QuantConfig(BaseModel):
     activation_dtype: Literal["int8", "uint8"] = "int8"
     histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
+    equalization: bool = False
+    equalization_clip: Literal["keep", "relu"] = "keep"
+    bias_correction: bool = False
+    adaround: bool = False
+    adaround_iterations: int = Field(default=1000, ge=1, le=100_000)
+    smoothquant: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] | None = None
+    attention_masks: bool = False
+    max_samples: int = Field(default=DEFAULT_MAX_SAMPLES, ge=1)
+    max_sample_bytes: int = Field(default=DEFAULT_MAX_SAMPLE_BYTES, ge=1)
+
+    @property
+    def needs_samples(self) -> bool:
+        """Whether a data-driven technique is on, so `prepare` keeps calibration samples."""
+        methods = {self.method} | {o.method for o in self.overrides}
+        return self.equalization or self.bias_correction or self.adaround or self.smoothquant is not None or self.attention_masks or "auto" in methods
 
     @field_validator("exclude", mode="before")
     @classmethod

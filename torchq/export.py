@@ -82,6 +82,7 @@ class ExportReport:
     keys_of_tensor: dict[str, list[str]] = field(default_factory=dict)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     exporter: str = "dynamo"
+    techniques: dict = field(default_factory=dict)  # what each accuracy technique did, if any ran
 
     @property
     def float_tensors(self) -> dict[str, str]:
@@ -92,6 +93,8 @@ class ExportReport:
         d["exporter"] = self.exporter
         d["tensor_origins"] = {t: k for t, k in sorted(self.keys_of_tensor.items())}
         d["ranges"] = {t: list(r) for t, r in sorted(self.ranges.items())}
+        if self.techniques:
+            d["techniques"] = self.techniques
         return d
 
     def describe(self) -> str:
@@ -258,7 +261,8 @@ def choose_ranges(stats: Mapping[str, TensorStatistics], source: Mapping[str, st
         s = config.settings_for(_module_of(source[tensor]))
         if s["float"]:
             float_tensors.add(tensor)
-        ranges[tensor] = select_range(st, s["method"], s["symmetric"], percentile=s["percentile"], sqnr_gamma=config.sqnr_gamma)
+        method = "mse" if s["method"] == "auto" else s["method"]  # auto is chosen by the technique pipeline
+        ranges[tensor] = select_range(st, method, s["symmetric"], percentile=s["percentile"], sqnr_gamma=config.sqnr_gamma)
     return ranges, float_tensors
 
 
@@ -331,26 +335,49 @@ def export_with_report(
     options = dict(input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes)
     c = _export_and_bind(model, example_inputs, kwargs, dynamo, options)
     float_proto, c.model = ir.serde.serialize_model(c.model), None  # drop the exporter's copy now
-    qmodel, backend_report = quantize_with_report(
-        float_proto,
-        c.ranges,
-        per_channel=config.per_channel,
-        target=config.target,
-        exclude_tensors=c.float_tensors,
-        opset=config.opset,
-        activation_dtype=config.activation_dtype,
-        consume_input=True,  # ours: reused, not copied
-    )
+    techniques: dict = {}
+    if config.needs_samples:  # accuracy techniques: run on the ONNX graph with the kept samples
+        from .techniques.pipeline import run_on_export
+
+        qmodel, backend_report, c.ranges, techniques = run_on_export(model, float_proto, c.bindings, c.float_tensors, config)
+    else:
+        techniques = _mask_warning(float_proto, c.ranges)  # before quantize consumes float_proto
+        qmodel, backend_report = quantize_with_report(
+            float_proto,
+            c.ranges,
+            per_channel=config.per_channel,
+            target=config.target,
+            exclude_tensors=c.float_tensors,
+            opset=config.opset,
+            activation_dtype=config.activation_dtype,
+            consume_input=True,  # ours: reused, not copied
+        )
     del float_proto
     for tensor, keys in c.bindings.items():
         if tensor in backend_report.float_tensors and any(k in c.mismatched for k in keys):
             backend_report.float_tensors[tensor] = f"calibration and export took different code paths at {keys[0]!r}; its statistics were not used"
-    report = ExportReport(backend_report, {t: list(k) for t, k in c.bindings.items()}, c.ranges, "dynamo" if dynamo else "torchscript")
+    report = ExportReport(backend_report, {t: list(k) for t, k in c.bindings.items()}, c.ranges, "dynamo" if dynamo else "torchscript", techniques)
     if path is not None:
         save_model(qmodel, path)
     if report_path is not None:
         write_text_atomic(report_path, json.dumps(report.to_dict(), indent=1) + "\n")
     return qmodel, report
+
+
+def _mask_warning(float_model: onnx.ModelProto, ranges) -> dict:
+    """Padded attention on the plain path: say so, and what to do (docs/ACCURACY.md)."""
+    from onnx_backend.techniques.calibration import masked_by_ranges
+
+    masked = masked_by_ranges(float_model, ranges)
+    if not masked:
+        return {}
+    message = (
+        f"an additive attention mask sets the range of {len(masked)} tensor(s) on the way to a Softmax "
+        f"({', '.join(masked[:3])}{', ...' if len(masked) > 3 else ''}), so the real scores get a handful of levels; "
+        "quantize with QuantConfig(attention_masks=True) (or any accuracy technique) to leave the mask out"
+    )
+    warnings.warn(message, stacklevel=3)
+    return {"warnings": [message]}
 
 
 def _check_example_inputs(model, session, args, kwargs) -> None:

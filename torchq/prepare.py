@@ -8,6 +8,7 @@ import torch
 
 from onnx_backend.errors import ConfigError
 
+from . import samples
 from .capture import CaptureSession
 from .config import QuantConfig, make_config
 
@@ -28,6 +29,8 @@ def prepare(model: torch.nn.Module, config: QuantConfig | dict | None = None, **
     cfg = make_config(config, **kwargs)
     session = CaptureSession(model, cfg.histogram_bins)
     session.attach()
+    if cfg.needs_samples:  # the ONNX-side techniques recalibrate on a bounded sample of inputs
+        samples.attach(model, session, cfg.max_samples, cfg.max_sample_bytes)
     _SESSIONS[model] = (session, cfg)
     return model
 
@@ -37,6 +40,7 @@ def unprepare(model: torch.nn.Module) -> torch.nn.Module:
     entry = _SESSIONS.pop(model, None)
     if entry is not None:
         entry[0].detach()
+    samples.detach(model)
     return model
 
 

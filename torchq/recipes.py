@@ -37,7 +37,7 @@ from onnx_backend.errors import ConfigError
 from onnx_backend.range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA
 from onnx_backend.statistics import DEFAULT_BINS
 
-from .config import MethodName, Override, QuantConfig
+from .config import MethodOrAuto, Override, QuantConfig
 
 # Limits on what a recipe file may be: recipes are small; anything beyond these is a mistake or
 # an attack (deeply nested or alias-bomb YAML).
@@ -100,7 +100,7 @@ class CalibrationSection(_Section):
 class QuantizationSection(_Section):
     """The QuantConfig fields (opset and target live in `export` and at the top level)."""
 
-    method: MethodName = "mse"
+    method: MethodOrAuto = "mse"
     symmetric: bool = False
     percentile: float = Field(default=DEFAULT_PERCENTILE, gt=0, le=100)
     per_channel: bool = True
@@ -108,6 +108,16 @@ class QuantizationSection(_Section):
     overrides: tuple[Override, ...] = ()
     histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
+    # accuracy techniques (docs/ACCURACY.md); the same fields and defaults as QuantConfig
+    equalization: bool = False
+    equalization_clip: Literal["keep", "relu"] = QuantConfig.model_fields["equalization_clip"].default
+    bias_correction: bool = False
+    adaround: bool = False
+    adaround_iterations: int = Field(default=QuantConfig.model_fields["adaround_iterations"].default, ge=1, le=100_000)
+    smoothquant: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] | None = None
+    attention_masks: bool = False
+    max_samples: int = Field(default=QuantConfig.model_fields["max_samples"].default, ge=1)
+    max_sample_bytes: int = Field(default=QuantConfig.model_fields["max_sample_bytes"].default, ge=1)
 
 
 class ExportSection(_Section):

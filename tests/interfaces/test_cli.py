@@ -92,7 +92,7 @@ def test_bad_recipe_is_one_line_and_debug_shows_the_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("quantization:\n  method: kl\n")
     line = one_line_error(torchq("quantize", "--recipe", bad), "quantize")
-    assert "bad.yaml:2: quantization.method: Input should be 'min_max', 'percentile', 'mse', 'entropy' or 'sqnr' (got 'kl')" in line
+    assert "bad.yaml:2: quantization.method: Input should be 'min_max', 'percentile', 'mse', 'entropy', 'sqnr' or 'auto' (got 'kl')" in line
     p = torchq("--debug", "quantize", "--recipe", bad)
     assert p.returncode == 2 and "Traceback" in p.stderr
 
