@@ -206,6 +206,31 @@ def test_keyword_inputs():
     assert sqnr_db(model(**data[1]).detach().numpy(), run_onnx(qmodel, feeds)[0]) > 30
 
 
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_output_names_that_clash_with_inner_values(dynamo):
+    # torch's dynamo exporter names an nn.Embedding's output `embedding`; asking for an output of
+    # that name made it write a duplicate (invalid ONNX). The user's names win; inner values move.
+    class Embedder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embedding = nn.Embedding(16, 8)
+            self.linear = nn.Linear(8, 8)
+
+        def forward(self, ids):
+            return F.normalize(self.linear(self.embedding(ids)).mean(1), dim=-1)
+
+    ids = torch.randint(0, 16, (4, 5))
+    model = torchq.prepare(Embedder().eval())
+    torchq.calibrate(model, [ids])
+    qmodel = torchq.export(model, (ids,), input_names=["linear"], output_names=["embedding"], dynamo=dynamo)
+    torchq.unprepare(model)
+    assert_valid(qmodel)
+    assert [o.name for o in qmodel.graph.output] == ["embedding"] and [i.name for i in qmodel.graph.input] == ["linear"]
+    produced = [name for node in qmodel.graph.node for name in node.output]
+    assert len(produced) == len(set(produced))
+    assert sqnr_db(model(ids).detach().numpy(), run_onnx(qmodel, {"linear": ids.numpy()})[0]) > 25
+
+
 def test_calibration_data_forms():
     entry = ZOO["residual"]
     xs = [c[0] for c in entry.calibration(4)]

@@ -208,6 +208,7 @@ def export_float_with_markers(
                     optimize=True,
                     verbose=False,
                 )
+                _rename_clashing_values(program.model)
                 return program.model_proto
             buffer = io.BytesIO()
             traced, export_args = model, args
@@ -234,6 +235,25 @@ def export_float_with_markers(
         session.marker = None
         session.abort_forward()  # a no-op after a clean export; after Ctrl-C it leaves the capture mode
         model.train(was_training)
+
+
+def _rename_clashing_values(model: ir.Model) -> None:
+    """The dynamo exporter names values after their FX nodes (`embedding`, `linear`, ...) and then
+    gives the graph's inputs and outputs the user's names, without checking that an inner value
+    does not already carry one (torch 2.13: output_names=["embedding"] on a model with an
+    nn.Embedding writes invalid ONNX). Rename the inner value: the user's names win."""
+    graph = model.graph
+    io_values = {id(v) for v in [*graph.inputs, *graph.outputs]}
+    io_names = {v.name for v in [*graph.inputs, *graph.outputs]}
+    taken = {v.name for node in ir.traversal.RecursiveGraphIterator(graph) for v in node.outputs} | set(graph.initializers) | io_names
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        for value in node.outputs:
+            if value.name in io_names and id(value) not in io_values:
+                k = 1
+                while f"{value.name}_{k}" in taken:
+                    k += 1
+                value.name = f"{value.name}_{k}"
+                taken.add(value.name)
 
 
 def _module_of(key: str) -> str:
