@@ -463,3 +463,14 @@ def randomized(model: nn.Module, images: torch.Tensor, seed: int = 0) -> nn.Modu
         for i in range(0, len(images), 4):
             model(images[i : i + 4])
     return model.eval()
+
+
+def with_real_statistics(family: str = "ResNet50", size: int = 224) -> nn.Module:
+    """A family by name, `randomized` on 16 photo crops of `size` pixels: the factory the
+    benchmark recipes (recipes/bench/) name."""
+    from .images import crops
+
+    families = {f.__name__: f for f in (ResNet50, efficientnet_b0, efficientnet_v2_s, ConvNeXt, RetinaNet, SSDMobileNet, SSDResNet34, YOLOv5, YOLOX)}
+    if family not in families:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(families)}")
+    return randomized(families[family](), crops(16, size, seed=0))

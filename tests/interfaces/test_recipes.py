@@ -32,10 +32,21 @@ MINIMAL = 'model: {factory: "torchq.examples.digits:build_model"}\n' + CALIBRATI
 # ---- the shipped recipes -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
-def test_every_shipped_recipe_validates(name):
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(RECIPES)) for p in RECIPES.rglob("*.yaml")))
+def test_every_shipped_recipe_validates_and_names_code_that_exists(name, monkeypatch):
+    from torchq.recipes import resolve_import
+
     recipe = Recipe.load(RECIPES / name)
     assert recipe.quant_config().method in ("min_max", "percentile", "mse", "entropy", "sqnr")
+    monkeypatch.syspath_prepend(str(ROOT))  # as `torchq quantize` run from the repository root
+    spec = recipe.spec
+    paths = {"model.factory": spec.model and spec.model.factory, "calibration.loader": spec.calibration and spec.calibration.loader}
+    paths["evaluation.function"] = spec.evaluation and spec.evaluation.function
+    for key, path in paths.items():
+        if path and not path.startswith("mypackage."):  # the template's placeholders
+            assert callable(resolve_import(path, key, name))
+    if name.startswith("bench/") and name != "bench/digits_base.yaml":  # a benchmark job: complete
+        assert spec.model and spec.calibration and spec.export.path.startswith("out/bench/")
 
 
 def test_template_documents_every_key_with_its_default():
@@ -83,7 +94,7 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
     cfg = r.quant_config()
     assert (cfg.method, cfg.percentile, cfg.target, r.spec.calibration.num_batches) == ("percentile", 99.9, None, 3)
     assert cfg.overrides[0].keep_float and cfg.settings_for("head")["float"]
-    with pytest.raises(RecipeError, match=r"--set quantization.method=kl: quantization.method: Input should be 'min_max', 'percentile', 'mse', 'entropy' or 'sqnr' \(got 'kl'\)"):
+    with pytest.raises(RecipeError, match=r"--set quantization.method=kl: quantization.method: Input should be 'min_max', 'percentile', 'mse', 'entropy', 'sqnr' or 'auto' \(got 'kl'\)"):
         Recipe.load(path, overrides=["quantization.method=kl"])
     with pytest.raises(RecipeError, match="expected KEY=VALUE"):
         Recipe.load(path, overrides=["quantization.method"])
@@ -96,7 +107,7 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
     "body, message",
     [
         ("quantization: {methd: mse}", r"r\.yaml:3: quantization\.methd: unknown key; allowed keys: method, symmetric, percentile, per_channel, exclude, overrides, histogram_bins, sqnr_gamma"),
-        ("quantization: {method: minmax}", r"r\.yaml:3: quantization\.method: Input should be 'min_max', 'percentile', 'mse', 'entropy' or 'sqnr' \(got 'minmax'\)"),
+        ("quantization: {method: minmax}", r"r\.yaml:3: quantization\.method: Input should be 'min_max', 'percentile', 'mse', 'entropy', 'sqnr' or 'auto' \(got 'minmax'\)"),
         ("quantization: {per_channel: maybe}", r"quantization\.per_channel: Input should be a valid boolean.*\(got 'maybe'\)"),
         ("quantization: {percentile: 120}", r"quantization\.percentile: Input should be less than or equal to 100 \(got 120\)"),
         ("quantization: {overrides: [{pattern: a, flot: true}]}", r"quantization\.overrides\.0\.flot: unknown key; allowed keys: pattern, method, symmetric, percentile, float"),
@@ -272,3 +283,12 @@ def test_a_pattern_that_changes_nothing_is_reported(tmp_path, monkeypatch):
     assert result.warnings[0].startswith("quantization.overrides.0 (pattern 'features.0') matched no module") and "features.2" in result.warnings[0]
     assert "warning:" in "\n".join(result.summary_lines())
     assert json.loads(Path("m.report.json").read_text())["warnings"] == result.warnings
+
+
+def test_recipes_carry_the_accuracy_techniques(tmp_path):
+    path = write(tmp_path / "r.yaml", MINIMAL + "quantization: {method: auto, equalization: true, bias_correction: true, smoothquant: auto}\n")
+    cfg = Recipe.load(path, overrides=["quantization.adaround=true", "quantization.smoothquant=0.5"]).quant_config()
+    assert (cfg.method, cfg.equalization, cfg.bias_correction, cfg.adaround, cfg.smoothquant) == ("auto", True, True, True, 0.5)
+    assert cfg.needs_samples
+    with pytest.raises(RecipeError, match="quantization.smoothquant"):
+        Recipe.load(path, overrides=["quantization.smoothquant=1.5"])
