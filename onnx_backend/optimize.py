@@ -25,6 +25,11 @@ from .errors import InvalidModelError
 from .model_io import MIN_OPSET, default_opset, load_model, upgrade_opset
 
 
+def _same_type(value: ir.Value, like: ir.Value, shape: ir.Shape | None) -> None:
+    value.dtype = like.dtype
+    value.shape = shape
+
+
 class StandaloneBatchNormToAffine(pattern.RewriteRuleClassBase):
     """BatchNormalization not preceded by a foldable Conv -> Mul(scale) + Add(shift).
 
@@ -55,7 +60,9 @@ class StandaloneBatchNormToAffine(pattern.RewriteRuleClassBase):
         name = out.producer().name or out.name
         s = op.initializer(ir.tensor(scale.reshape(shape).astype(dtype)), name=f"{name}.scale")
         t = op.initializer(ir.tensor(shift.reshape(shape).astype(dtype)), name=f"{name}.shift")
-        return op.Add(op.Mul(x, s), t)
+        scaled = op.Mul(x, s)
+        _same_type(scaled, x, x.shape)  # the rewriter types only the value it replaces
+        return op.Add(scaled, t)
 
 
 class SpatialMeanToGlobalAveragePool(pattern.RewriteRuleClassBase):
@@ -91,6 +98,7 @@ class SpatialMeanToGlobalAveragePool(pattern.RewriteRuleClassBase):
         if out.producer().attributes.get_int("keepdims", 1):
             return pooled
         rank = x.shape.rank()
+        _same_type(pooled, x, ir.Shape([*x.shape[:2], *[1] * (rank - 2)]))  # else it is no float activation to the planner
         return op.Squeeze(pooled, op.Constant(value=ir.tensor(np.arange(2, rank, dtype=np.int64))))
 
 

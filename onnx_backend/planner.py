@@ -106,6 +106,32 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
     return float(np.ravel(lo)[0]), float(np.ravel(hi)[0])
 
 
+def inferred_ranges(graph: ir.Graph, ranges: Mapping[str, tuple[float, float]]) -> Mapping[str, tuple[float, float]]:
+    """`ranges`, plus ranges worked back from a consumer's output for inputs that have none and
+    no other reader: through a rearranging op (spec.REARRANGE_OPS) the same range, through
+    `Add(x, c)` / `Sub(x, c)` with constant c the range shifted back by c (a bound: nothing is
+    clipped). The PyTorch path observes one tensor per module, but the backend's rewrites split
+    some ops in two: `x.mean((2, 3))` becomes GlobalAveragePool -> Squeeze and a standalone
+    BatchNorm Mul -> Add; the inner tensor takes its range from the observed one instead of
+    leaving both ops on the host."""
+    inferred = dict(ranges)
+    for node in reversed(list(graph)):  # consumers first: chains pass it on
+        if not node.inputs or not node.outputs or node.outputs[0].name not in inferred:
+            continue
+        x, (lo, hi) = node.inputs[0], inferred[node.outputs[0].name]
+        if x is None or x.name in inferred or not is_float_activation(x) or len(x.uses()) != 1 or x.is_graph_output() or x.producer() is None:
+            continue
+        if node.op_type in spec.REARRANGE_OPS:
+            inferred[x.name] = (lo, hi)
+        elif node.op_type in ("Add", "Sub") and len(node.inputs) == 2:
+            c = _const_array(node.inputs[1])
+            if c is None or not c.size or not np.all(np.isfinite(c)):
+                continue
+            c_lo, c_hi = float(c.min()), float(c.max())
+            inferred[x.name] = (lo - c_hi, hi - c_lo) if node.op_type == "Add" else (lo + c_lo, hi + c_hi)
+    return inferred
+
+
 class Planner:
     def __init__(
         self,
@@ -119,7 +145,7 @@ class Planner:
         symmetric_constants: bool = False,
     ):
         self.graph = model.graph
-        self.ranges = ranges
+        self.ranges = inferred_ranges(model.graph, ranges)
         self.per_channel = per_channel
         self.supports = supports
         self.exclude_nodes = set(exclude_nodes) | self._producers_of(exclude_tensors)

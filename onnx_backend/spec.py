@@ -97,6 +97,9 @@ SPEC: dict[str, OpRule] = {
 }
 
 ACTIVATIONS_THAT_FUSE = ("Relu", "Clip")  # absorbed into the producer's output range
+# Same-scale ops whose output holds exactly the input's values, rearranged: an input without
+# statistics of its own may take the output's range (nothing is clipped).
+REARRANGE_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "SpaceToDepth", "DepthToSpace", "Identity"})
 
 # Ops the exporters emit for pure shape arithmetic; their float inputs are never quantized.
 SHAPE_OPS = {"Shape", "Size", "ConstantOfShape", "Range", "NonZero"}

@@ -329,3 +329,44 @@ def test_convert_activation_dtype_keeps_every_value_and_round_trips():
     assert np.max(np.abs(run_onnx(qu8, {"x": x})[0] - run_onnx(q8, {"x": x})[0])) <= step * 1.001
     ModelEditor(qu8).convert_activation_dtype(TensorType.INT8)
     assert qu8.SerializeToString() == original
+
+
+def test_rewritten_batchnorm_and_spatial_mean_are_quantized():
+    """The backend's own rewrites (standalone BatchNorm -> Mul + Add, mean over H and W ->
+    GlobalAveragePool + Squeeze) leave typed float activations that get ranges and run in int8."""
+    import npu
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.bn = torch.nn.BatchNorm2d(8)
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.fc(self.bn(y + 1.0).mean((2, 3)))  # the Add keeps the BatchNorm standalone
+
+    model = Head().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+        model.bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(1, 3, 10, 10)
+    buf = io.BytesIO()
+    torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=17, input_names=["x"])
+    optimized = optimize_model(onnx.load_from_string(buf.getvalue()))
+    assert {"Mul", "GlobalAveragePool", "Squeeze"} <= {n.op_type for n in optimized.graph.node}
+    calibrator = Calibrator(optimized, CalibrationMethod.MSE_ASYM, quiet=True)
+    calibrator.collect_data([[torch.randn(1, 3, 10, 10).numpy()] for _ in range(8)])
+    qmodel = quantize(optimized, calibrator.compute_range(), target="warboy")
+    assert_valid(qmodel)
+    summary = npu.check(qmodel, target="warboy").summary()
+    assert summary["host"] == 0, summary
+    with torch.no_grad():
+        assert sqnr_db(model(x).numpy(), run_onnx(qmodel, {"x": x.numpy()})[0]) > 25
+    prepared = torchq.prepare(model, torchq.QuantConfig(target="warboy"))  # and the PyTorch path
+    torchq.calibrate(prepared, [torch.randn(1, 3, 10, 10) for _ in range(8)])
+    qmodel = torchq.export(prepared, (x,))
+    torchq.unprepare(model)
+    summary = npu.check(qmodel, target="warboy").summary()
+    assert summary["host"] == 0, summary

@@ -168,3 +168,15 @@ def test_uint8_storage_is_the_same_grid_as_int8():
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in q8.graph.initializer}
     out_scale = float(inits["y_scale"])
     assert np.max(np.abs(a - b)) <= out_scale * 1.01  # kernels round differently, by at most one step
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_every_activation_the_target_runs_is_quantized(name):
+    """Nothing falls back to the host for want of a range: a spatial mean (GlobalAveragePool ->
+    Squeeze once optimized) and a standalone BatchNorm (Mul -> Add) are quantized like the rest."""
+    import npu
+
+    _, qmodel, _ = quantize_entry(ZOO[name], torchq.QuantConfig(target="warboy"))
+    summary = npu.check(qmodel, target="warboy").summary()
+    assert "not quantized" not in summary["host_by_reason"], summary
+    assert summary["npu"] > 0
