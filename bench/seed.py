@@ -31,7 +31,7 @@ FAMILIES = {
 }
 QUICK = {"ResNet50 v1.5": 64}
 METHOD = ("mse", False)  # torchq's default, through the PyTorch path
-EXTRA_METHODS = ("PERCENTILE_ASYM",)  # through the ONNX path, same data
+EXTRA_METHODS = ("PERCENTILE_ASYM", "MIN_MAX_ASYM", "SQNR_ASYM")  # through the ONNX path, same data
 PEER_METHODS = ("MinMax", "Percentile")  # onnxruntime quantize_static, same float model and data
 N_CALIB, N_EVAL = 16, 4
 

@@ -5,6 +5,8 @@
                                                      #   -> docs/ACCURACY_TABLE_PER_TENSOR.md
     python -m bench.techniques --models mobilenet_16px padded_transformer_outliers --out -
     python -m bench.techniques --quick               # a tiny untrained model, two variants (for the tests)
+    python -m bench.techniques --models seed_resnet50 seed_efficientnet_b0 --variants plain eq bc sq auto \
+        --target 0 --out docs/ACCURACY_TABLE_SEED.md # the reference product's families, random weights: SQNR only
 
 Models: the digits families of the accuracy benchmark (bench/digits.py, 32x32) and the
 pretrained all-MiniLM-L6-v2 sentence encoder with padded batches (bench/minilm.py), exported
@@ -175,6 +177,26 @@ def minilm_subject() -> Subject:
     )
 
 
+SEED_MODELS = {"seed_resnet50": "ResNet50 v1.5", "seed_efficientnet_b0": "EfficientNet-B0"}
+NO_METRIC = "none: random weights (SQNR only)"
+
+
+def seed_subject(name: str) -> Subject:
+    """A reference-product family with random weights (bench/seed.py's set-up, 16 calibration
+    crops, 4 evaluation crops): no task metric exists, so only the output SQNR is compared."""
+    from bench import images
+    from bench import seed_models as sm
+    from bench.seed import FAMILIES
+
+    family = SEED_MODELS[name]
+    factory, size, _, _ = FAMILIES[family]
+    calib, evals = images.crops(16, size, seed=0), images.crops(4, size, seed=1)
+    torch.manual_seed(0)
+    model = sm.randomized(factory(), calib)
+    proto = export_float(model, [evals.numpy()], ["image"])
+    return Subject(name, f"{family}, random weights, {size}x{size} photo crops (bench/seed.py)", proto, [[calib[i : i + 1].numpy()] for i in range(len(calib))], lambda m: 0.0, {"image": evals.numpy()}, metric=NO_METRIC)
+
+
 def digits_cnn_subject() -> Subject:
     from torchq.examples import digits
 
@@ -213,10 +235,12 @@ def subjects_for(names: list[str]) -> list[Callable[[], Subject]]:
             out.append(lambda n=n: technique_subject(n))
         elif n.startswith("digits_") and n[len("digits_") :] in BENCH_DIGITS:
             out.append(lambda n=n: bench_digits_subject(n[len("digits_") :]))
+        elif n in SEED_MODELS:
+            out.append(lambda n=n: seed_subject(n))
         elif n == "all-MiniLM-L6-v2":
             out.append(minilm_subject)
         else:
-            raise SystemExit(f"unknown model {n!r}; known: {', '.join(ALL_MODELS)}")
+            raise SystemExit(f"unknown model {n!r}; known: {', '.join([*ALL_MODELS, *SEED_MODELS])}")
     return out
 
 
@@ -254,7 +278,7 @@ def measure(subject: Subject, variants: list[str], per_channel: bool, target: fl
         row.cells[variant] = Cell(subject.evaluate(qmodel), sqnr_db(ref, _outputs(qmodel, subject.test_feeds)), seconds, subject.extra(qmodel) if subject.extra else "")
         c = row.cells[variant]
         log(f"  {subject.name:28s} {variant:9s} {_num(c.accuracy)}  {c.sqnr:6.1f} dB  {c.seconds:6.1f} s  {c.extra}")
-    if target is not None:
+    if target is not None and subject.metric != NO_METRIC:
         row.target = fallback(subject, row, per_channel, target, log)
     return row
 
@@ -293,6 +317,10 @@ def render(rows: list[Row], variants: list[str], title: str) -> str:
     for r in rows:
         best = best_variant(r)
         b = r.cells[best]
+        if r.metric == NO_METRIC:  # the SQNR is all there is
+            cells = [f"{r.cells[v].sqnr:.1f} dB" if v in r.cells else "" for v in variants]
+            lines.append(f"| {r.subject} | {r.metric} | n/a | " + " | ".join(cells) + f" | {best}: {b.sqnr:.1f} dB | n/a |")
+            continue
         cells = [f"{_num(r.cells[v].accuracy)}<br>{r.cells[v].sqnr:.1f} dB" if v in r.cells else "" for v in variants]
         lines.append(f"| {r.subject} | {r.metric} | {_num(r.float_accuracy)} | " + " | ".join(cells) + f" | {best}: {_num(b.accuracy)} | {b.accuracy / r.float_accuracy * 100:.2f} % |")
     extras = [r for r in rows if any(c.extra for c in r.cells.values())]

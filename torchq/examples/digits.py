@@ -134,13 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     qmodel = torchq.quantize(model, calibration_loader(), (x_example,), config, qpath, input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
     t2 = time.perf_counter()
     float_acc, int8_acc = evaluate(model), evaluate(qmodel)
+    import npu
     from onnx_backend import validate
 
+    placement = npu.check(qmodel, target=config.target).summary()
     print(f"digits CNN ({sum(p.numel() for p in model.parameters())} parameters), trained in {t1 - t0:.1f} s")
     print(f"quantized with {config.method} ({'symmetric' if config.symmetric else 'asymmetric'}, per-channel weights, target {config.target}) in {t2 - t1:.1f} s")
     print(f"float accuracy (PyTorch):     {float_acc:6.2f} %")
     print(f"INT8 accuracy (onnxruntime):  {int8_acc:6.2f} %   ({int8_acc / float_acc * 100:.2f} % of float)")
     print(f"TFLite spec check:            {'all rules hold' if not validate(qmodel) else 'BROKEN RULES'}")
+    print(f"NPU check ({config.target}):          {placement['npu']} of {placement['npu'] + placement['host']} ops on the NPU, {placement['host']} on the host")
     print(f"INT8 model written to {qpath}")
     return 0
 
