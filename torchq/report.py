@@ -91,6 +91,7 @@ class QuantReport:
     method_ranges: dict[str, list[MethodRange]] = field(default_factory=dict)
     statistics: dict[str, TensorStatistics] = field(default_factory=dict)
     unmatched: dict[str, str] = field(default_factory=dict)  # INT8 tensor -> why it was not compared
+    sensitivity: dict | None = None  # SensitivityReport.to_dict() when asked for (torchq report --sensitivity)
 
     def worst(self, n: int | None = None, kind: str = "activation", own: bool = False) -> list[TensorResult]:
         """Tensors by SQNR, lowest first (`own`: by their own quantization's SQNR)."""
@@ -106,6 +107,7 @@ class QuantReport:
             "layers": [asdict(layer) for layer in self.layers],
             "method_ranges": {t: [asdict(m) for m in ms] for t, ms in self.method_ranges.items()},
             "unmatched": self.unmatched,
+            **({"sensitivity": self.sensitivity} if self.sensitivity is not None else {}),
         }
 
 

@@ -175,6 +175,26 @@ def _summary_lines(report: QuantReport) -> list[str]:
     return lines
 
 
+SENSITIVITY_NOTE = (
+    "Each layer quantized alone (the rest float) and every layer but it quantized, with torchq's default settings "
+    "(asymmetric MSE, target warboy) on the report's samples; the metric is the output SQNR against float (dB). "
+    "Most harmful first: the largest gain from keeping the layer float."
+)
+
+
+def _sensitivity_rows(sensitivity: dict) -> list[tuple[str, str, str, str]]:
+    return [(r["layer"], r["op"], _fmt_db(r["only_this_quantized"]), _fmt_db(r["all_but_this_quantized"])) for r in sensitivity["layers"][:TABLE_ROWS]]
+
+
+def _sensitivity_markdown(sensitivity: dict | None) -> list[str]:
+    if sensitivity is None:
+        return []
+    lines = ["", "## Sensitivity: each layer alone, and all but it", "", SENSITIVITY_NOTE, f"Everything quantized: {_fmt_db(sensitivity['quantized'])} dB.", ""]
+    lines += ["| layer | op | only this quantized (dB) | all but this quantized (dB) |", "|---|---|---|---|"]
+    lines += [f"| `{layer}` | {op} | {only} | {all_but} |" for layer, op, only, all_but in _sensitivity_rows(sensitivity)]
+    return lines
+
+
 def markdown(report: QuantReport, plots: dict[str, str]) -> str:
     lines = [f"# INT8 vs float: `{report.int8_model}`", "", f"Float model `{report.float_model}`. " + " ".join(_summary_lines(report)), ""]
     if "layers" in plots:
@@ -183,6 +203,7 @@ def markdown(report: QuantReport, plots: dict[str, str]) -> str:
     lines += ["| node | op | inputs (dB) | output (dB) | lost (dB) | weights (dB) |", "|---|---|---|---|---|---|"]
     for layer in report.layers[:TABLE_ROWS]:
         lines.append(f"| `{layer.node}` | {layer.op_type} | {_fmt_db(layer.input_sqnr_db)} | {_fmt_db(layer.output_sqnr_db)} | {_fmt_db(layer.lost_db)} | {_fmt_db(layer.weight_sqnr_db)} |")
+    lines += _sensitivity_markdown(report.sensitivity)
     lines += ["", "## Activations, worst first", ""]
     lines += ["| tensor | op | SQNR (dB) | own (dB) | clipped | range | scale | zero point |", "|---|---|---|---|---|---|---|---|"]
     for t in report.worst()[:TABLE_ROWS]:
@@ -238,7 +259,13 @@ def html_page(report: QuantReport, plots: dict[str, str]) -> str:
             "<tr>" + _cell(f"<code>{e(layer.node)}</code>") + _cell(e(layer.op_type)) + _cell(_fmt_db(layer.input_sqnr_db), "num")
             + _cell(_fmt_db(layer.output_sqnr_db), "num " + _band(layer.output_sqnr_db)) + _cell(_fmt_db(layer.lost_db), "num") + _cell(_fmt_db(layer.weight_sqnr_db), "num") + "</tr>"
         )
-    parts.append("</table><h2>Activations, worst first</h2>")
+    parts.append("</table>")
+    if report.sensitivity is not None:
+        parts.append(f"<h2>Sensitivity: each layer alone, and all but it</h2><p>{e(SENSITIVITY_NOTE)} Everything quantized: {_fmt_db(report.sensitivity['quantized'])} dB.</p>")
+        parts.append("<table><tr><th>layer</th><th>op</th><th>only this quantized (dB)</th><th>all but this quantized (dB)</th></tr>")
+        parts += ["<tr>" + _cell(f"<code>{e(layer)}</code>") + _cell(e(op)) + _cell(only, "num") + _cell(all_but, "num") + "</tr>" for layer, op, only, all_but in _sensitivity_rows(report.sensitivity)]
+        parts.append("</table>")
+    parts.append("<h2>Activations, worst first</h2>")
     parts.append("<table><tr><th>tensor</th><th>op</th><th>SQNR (dB)</th><th>own (dB)</th><th>clipped</th><th>range</th><th>scale</th><th>zero point</th></tr>")
     for t in report.worst():
         parts.append(

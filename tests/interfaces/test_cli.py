@@ -127,6 +127,21 @@ def test_report_command(tmp_path, digits_models):
     assert len(list(out.glob("hist_*.png"))) == 2
 
 
+def test_report_sensitivity_names_the_culprit_layer(tmp_path, digits_models):
+    """The clipped model's culprit is features.2's output (conftest); the sensitivity section,
+    computed from the float model alone, ranks every layer and is in all three report files."""
+    out = tmp_path / "rep"
+    p = torchq("report", digits_models["float"], digits_models["clipped"], "--data", digits_models["data"], "--max-samples", "64", "--no-plots", "--sensitivity", "-o", out)
+    assert p.returncode == 0, p.stderr
+    assert "most sensitive layer:" in p.stdout
+    sens = json.loads((out / "report.json").read_text())["sensitivity"]
+    layers = sens["layers"]
+    assert len(layers) >= 4 and all(r["only_this_quantized"] > sens["quantized"] - 0.01 for r in layers)  # one layer alone hurts less than all
+    gains = [r["all_but_this_quantized"] - sens["quantized"] for r in layers]
+    assert gains == sorted(gains, reverse=True)  # most harmful first
+    assert "## Sensitivity" in (out / "report.md").read_text() and "<h2>Sensitivity" in (out / "report.html").read_text()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -24,6 +24,10 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write the report into (created if missing)")
     p.add_argument("--top", type=_count, default=6, metavar="N", help="how many tensors (worst own quantization first) get a histogram and per-method ranges (default 6)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument(
+        "--sensitivity", action="store_true",
+        help="also quantize the float model one layer at a time (and all but one layer) with torchq's defaults: per-layer output SQNR (two quantizations per layer)",
+    )
     p.set_defaults(run=run)
 
 
@@ -44,7 +48,13 @@ def run(args) -> None:
 
     inputs = get_pure_input_names(load_model(args.float_model))
     samples = iter_samples(args.data, inputs, args.batch_size, args.max_samples)
+    if args.sensitivity:
+        samples = list(samples)  # read twice
     report = compare(args.float_model, args.int8_model, samples, top=args.top, quiet=True if args.quiet else None)
+    if args.sensitivity:
+        from ..techniques import sensitivity
+
+        report.sensitivity = sensitivity(args.float_model, samples).to_dict()
     files = write_report(report, args.output, plots=not args.no_plots)
     for line in _summary(report):
         print(line)
@@ -60,6 +70,9 @@ def _summary(report) -> list[str]:
     hurt = [layer for layer in report.layers if layer.lost_db is not None and layer.lost_db > 0][:3]
     if hurt:
         lines.append("most SQNR lost at: " + ", ".join(f"{layer.node} -> {layer.output} ({layer.op_type}, {layer.lost_db:.1f} dB)" for layer in hurt))
+    if report.sensitivity is not None and report.sensitivity["layers"]:
+        top = report.sensitivity["layers"][0]
+        lines.append(f"most sensitive layer: {top['layer']} ({top['op']}): all but it quantized {top['all_but_this_quantized']:.1f} dB, everything {report.sensitivity['quantized']:.1f} dB")
     own = report.worst(1, own=True)
     if own:
         t = own[0]
