@@ -187,6 +187,26 @@ class Planner:
             elif why not in ("not a float activation op", "no float activations"):
                 self.plan.float_nodes[name] = why
 
+    def _join_host_islands(self) -> None:
+        """An elementwise Add/Sub/Mul that reads a tensor the host computes, and whose output only
+        host ops read, runs on the host too: that costs no transfer (its other input goes to the
+        host either way, in place of its output) and saves quantizing a tensor nobody reads in
+        int8. The case that matters: a post-norm transformer's residual sum on a target that runs
+        LayerNorm on the host, a tensor with a few huge channels (MiniLM: cosine to float 0.85 with
+        it quantized, 0.94 without; bench/technique_checks.py)."""
+        for node in self.graph:
+            if node.op_type not in ("Add", "Sub", "Mul") or not self.runs_int8(node):
+                continue
+            outs = [o for o in node.outputs if o is not None]
+            if not outs or any(o.is_graph_output() or not o.uses() for o in outs):
+                continue
+            if any(self.runs_int8(u.node) for o in outs for u in o.uses()):
+                continue
+            if any(is_float_activation(x) and x.producer() is not None and not self.runs_int8(x.producer()) for x in node.inputs):
+                self.int8[id(node)] = False
+                self.plan.int8_nodes.remove(node.name)
+                self.plan.float_nodes[node.name] = "reads a tensor the host computes and only host ops read its output: runs on the host with them"
+
     def runs_int8(self, node: ir.Node | None) -> bool:
         return node is not None and self.int8.get(id(node), False)
 
@@ -465,6 +485,7 @@ class Planner:
 
     def run(self) -> QuantPlan:
         self._decide_nodes()
+        self._join_host_islands()
         self._plan_activations()
         self._plan_weights()
         self._report_unquantized()

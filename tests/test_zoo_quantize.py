@@ -176,7 +176,21 @@ def test_every_activation_the_target_runs_is_quantized(name):
     Squeeze once optimized) and a standalone BatchNorm (Mul -> Add) are quantized like the rest."""
     import npu
 
-    _, qmodel, _ = quantize_entry(ZOO[name], torchq.QuantConfig(target="warboy"))
-    summary = npu.check(qmodel, target="warboy").summary()
-    assert "not quantized" not in summary["host_by_reason"], summary
-    assert summary["npu"] > 0
+    _, qmodel, report = quantize_entry(ZOO[name], torchq.QuantConfig(target="warboy"))
+    check = npu.check(qmodel, target="warboy")
+    not_quantized = {r.node for r in check.host_nodes if r.category == "not quantized"}
+    assert not_quantized <= set(report.backend.float_nodes), check.summary()  # only what the planner chose, with its reason
+    assert check.summary()["npu"] > 0
+
+
+def test_residual_sum_read_only_by_a_host_layernorm_runs_on_the_host():
+    """Post-norm encoder (nn.TransformerEncoderLayer): warboy runs LayerNorm on the host, so the
+    residual Adds feeding it (one input from a host LayerNorm) join the host instead of being
+    quantized for nobody; with every op int8 (target None) they stay int8."""
+    entry = ZOO["torch_encoder_layer"]
+    _, _, warboy = quantize_entry(entry, torchq.QuantConfig(target="warboy"))
+    joined = {n for n, why in warboy.backend.float_nodes.items() if "runs on the host with them" in why}
+    assert joined and all("add" in n.lower() for n in joined)
+    _, _, everything = quantize_entry(entry, torchq.QuantConfig(target=None))
+    assert not any("runs on the host with them" in why for why in everything.backend.float_nodes.values())
+    assert joined <= set(everything.backend.plan.int8_nodes)
