@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import torch
 
-from .common import Settings, fmt, latency_ms, quiet, run_batched, run_measured, session, sqnr_db, table
+from .common import Settings, fmt, for_onnxruntime, latency_ms, quiet, run_batched, run_measured, session, sqnr_db, table
 from .peers import ORT_METHODS, ort_calibrate_only, ort_quantize
 
 QUICK_METHODS = ("MIN_MAX_ASYM", "MSE_SYM")
@@ -102,7 +102,7 @@ def measure(subject, float_path: Path, settings: Settings, workdir: Path, log=pr
             pass  # quantize_static's error above already says why
     ex = subject.example_feeds()
     row.latency["float"] = latency_ms(float_path, ex, 1, settings)
-    row.latency["ours"] = latency_ms(best, ex, 1, settings)
+    row.latency["ours"] = latency_ms(for_onnxruntime(best), ex, 1, settings)  # as deployed on x86 (uint8 storage)
     if best_ort is not None:
         row.latency["ort"] = latency_ms(best_ort, ex, 1, settings)
     return row
@@ -153,7 +153,7 @@ def render(rows: list[OnnxRow], mem_rows: list[list], mem_model: str) -> str:
                 fmt(r.latency["ort"] / r.latency["float"]) if "ort" in r.latency else "—",
             ]
         )
-    out.append(table(["model", "torchq best SQNR dB (method)", "onnxruntime best SQNR dB", "torchq ≥ onnxruntime", "float metric", "torchq metric", "onnxruntime metric", "torchq INT8 ÷ float latency (1T)", "onnxruntime INT8 ÷ float latency (1T)"], rows_t))
+    out.append(table(["model", "torchq best SQNR dB (method)", "onnxruntime best SQNR dB", "torchq ≥ onnxruntime", "float metric", "torchq metric", "onnxruntime metric", "torchq INT8 (uint8 storage) ÷ float latency (1T)", "onnxruntime INT8 ÷ float latency (1T)"], rows_t))
     out.append("\n#### Every method: output SQNR dB / task metric\n")
     heads = ["model"] + [m.lower() for m in OUR_METHODS] + [f"ort {m}" for m in ORT_METHODS]
     cells = []
