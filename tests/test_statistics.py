@@ -15,7 +15,7 @@ def _stats(*batches, bins=4096):
     return s
 
 
-def _same(a: TensorStatistics, b: TensorStatistics):
+def assert_same_statistics(a: TensorStatistics, b: TensorStatistics):
     assert (a.min, a.max, a.count, a.exponent, a.offset) == (b.min, b.max, b.count, b.exponent, b.offset)
     np.testing.assert_array_equal(a.counts, b.counts)
 
@@ -24,8 +24,8 @@ def test_order_and_sharding_do_not_matter(rng):
     batches = [rng.normal(size=5000) * s for s in (0.01, 1.0, 30.0, 0.5)]
     forward, backward = _stats(*batches), _stats(*reversed(batches))
     left, right = _stats(*batches[:2]), _stats(*batches[2:])
-    _same(forward, backward)
-    _same(forward, left.merge(right))
+    assert_same_statistics(forward, backward)
+    assert_same_statistics(forward, left.merge(right))
 
 
 def test_exponent_depends_only_on_global_range(rng):
@@ -60,7 +60,7 @@ def test_non_finite_is_an_error():
 
 def test_round_trip_through_dict(rng):
     s = _stats(rng.laplace(size=3000))
-    _same(s, TensorStatistics.from_dict(s.to_dict()))
+    assert_same_statistics(s, TensorStatistics.from_dict(s.to_dict()))
 
 
 def test_torch_observer_builds_exactly_the_numpy_statistics(rng):
@@ -68,14 +68,14 @@ def test_torch_observer_builds_exactly_the_numpy_statistics(rng):
     obs = Observer("k", 4096)
     for b in batches:
         obs.update(torch.from_numpy(b))
-    _same(obs.to_statistics(), _stats(*batches))
+    assert_same_statistics(obs.to_statistics(), _stats(*batches))
 
 
 def test_torch_observer_accepts_half_precision(rng):
     x = torch.from_numpy(rng.normal(size=100).astype(np.float32)).half()
     obs = Observer("k", 4096)
     obs.update(x)
-    _same(obs.to_statistics(), _stats(x.float().numpy()))
+    assert_same_statistics(obs.to_statistics(), _stats(x.float().numpy()))
 
 
 def test_folded_histogram_is_bounded_for_data_far_from_zero():

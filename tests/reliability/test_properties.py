@@ -188,7 +188,7 @@ def test_property_scales_never_underflow(a, w):
 # ---- statistics --------------------------------------------------------------------------------
 
 
-def same_stats(a: TensorStatistics, b: TensorStatistics) -> None:
+def assert_same_statistics(a: TensorStatistics, b: TensorStatistics) -> None:
     assert (a.min, a.max, a.count, a.exponent, a.offset) == (b.min, b.max, b.count, b.exponent, b.offset)
     np.testing.assert_array_equal(a.counts, b.counts)
 
@@ -219,7 +219,7 @@ def test_property_histogram_merge_exact_and_order_independent(xb, bins):
     for s in reversed(shards):  # merge order differs from the streaming order
         merged.merge(s)
     for s in (streamed, merged):
-        same_stats(whole, s)
+        assert_same_statistics(whole, s)
     assert whole.count == x.size == int(whole.counts.sum())
     assert whole.counts.size <= bins and whole.exponent == required_exponent(whole.min, whole.max, bins)
     assert whole.min == float(x.min()) and whole.max == float(x.max())
@@ -234,7 +234,7 @@ def test_property_torch_observer_equals_numpy_statistics(xb, bins):
     for b in batches:
         obs.update(torch.from_numpy(b.copy()))
         ref.update(b)
-    same_stats(obs.to_statistics(), ref)
+    assert_same_statistics(obs.to_statistics(), ref)
 
 
 # ---- range selection ---------------------------------------------------------------------------
