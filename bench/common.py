@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 import os
 import statistics
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,20 +164,11 @@ def current_rss_mib() -> float:
 # ---- quiet third-party output ------------------------------------------------------------------
 
 
-@contextlib.contextmanager
 def quiet():
     """Silence library warnings and prints (exporters and quantizers are chatty)."""
-    loggers = [logging.getLogger(n) for n in ("torch", "torch.onnx", "torch.export", "torch._dynamo", "onnxscript", "onnxruntime", "torchao", "root")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lvl in zip(loggers, levels):
-            lg.setLevel(lvl)
+    from torchq.export import EXPORTER_LOGGERS, quiet_logs
+
+    return quiet_logs((*EXPORTER_LOGGERS, "torch", "onnxruntime", "torchao", "root"))
 
 
 def timed(fn: Callable, *args, **kwargs):

@@ -112,9 +112,13 @@ def _as_args(example_inputs) -> tuple:
     raise ConfigError(f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}")
 
 
+EXPORTER_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch._export", "onnxscript")
+
+
 @contextlib.contextmanager
-def _quiet_exporter():
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "torch._export", "onnxscript")]
+def quiet_logs(logger_names=EXPORTER_LOGGERS):
+    """Silence these loggers, warnings and prints for the duration (the exporters are chatty)."""
+    loggers = [logging.getLogger(n) for n in logger_names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -190,7 +194,7 @@ def export_float_with_markers(
     model.eval()
     session.marker = _dynamo_marker if dynamo else _torchscript_marker
     try:
-        with session.phase_as(Phase.EXPORT), torch.no_grad(), _quiet_exporter():
+        with session.phase_as(Phase.EXPORT), torch.no_grad(), quiet_logs():
             if dynamo and kwargs and dynamic_axes and dynamic_shapes is None:
                 dynamic_shapes = _dynamic_shapes_for_kwargs(model, args, kwargs, input_names, dynamic_axes)
             if dynamo:
