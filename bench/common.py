@@ -203,3 +203,24 @@ def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
             raise ValueError(f"row has {len(cells)} cells, table has {len(headers)} columns: {row!r}")
         out.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
     return "\n".join(out)
+
+
+def load_or_train(model, path: Path, train: Callable[[], None]):
+    """`model` with the weights cached at `path`, or trained by `train()` (one thread:
+    deterministic and polite on a shared 2-core machine) and then cached atomically."""
+    import torch
+
+    if path.is_file():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train()
+    finally:
+        torch.set_num_threads(threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    return model.eval()

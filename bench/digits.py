@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from .common import load_or_train
+
 SEED = 0
 SIZE = 32
 EPOCHS = 15
@@ -295,20 +297,7 @@ def load_trained(name: str, epochs: int = EPOCHS, subset: int | None = None, cac
     """The trained model `name`; its weights are cached (keyed by the training settings)."""
     model = build_model(name)
     path = Path(cache or cache_dir()) / f"digits_{name}_e{epochs}_n{subset or 'all'}.pt"
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return model.eval()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic and polite on a shared 2-core machine
-    try:
-        train(model, epochs, subset)
-    finally:
-        torch.set_num_threads(threads)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
-    return model.eval()
+    return load_or_train(model, path, lambda: train(model, epochs, subset))
 
 
 def cnn_model() -> nn.Module:

@@ -19,7 +19,6 @@ bench/.cache/techniques so the measurement does not retrain):
 
 from __future__ import annotations
 
-import os
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from .common import load_or_train
 
 SEED = 0
 CACHE = Path(__file__).resolve().parent / ".cache" / "techniques"
@@ -225,21 +226,7 @@ def load(name: str) -> nn.Module:
         raise KeyError(f"unknown model {name!r}; known: {', '.join(list(BUILDERS) + ['transformer_outliers'])}")
     torch.manual_seed(SEED)
     model = BUILDERS[base]()
-    path = CACHE / f"{base}_e{EPOCHS[base]}.pt"
-    if path.is_file():
-        model.load_state_dict(torch.load(path, weights_only=True))
-    else:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            _train(base, model)
-        finally:
-            torch.set_num_threads(threads)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
-    model.eval()
+    load_or_train(model, CACHE / f"{base}_e{EPOCHS[base]}.pt", lambda: _train(base, model))
     return add_outliers(model) if name == "transformer_outliers" else model
 
 
