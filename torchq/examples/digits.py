@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"float accuracy (PyTorch):     {float_acc:6.2f} %")
     print(f"INT8 accuracy (onnxruntime):  {int8_acc:6.2f} %   ({int8_acc / float_acc * 100:.2f} % of float)")
     print(f"TFLite spec check:            {'all rules hold' if not validate(qmodel) else 'BROKEN RULES'}")
-    print(f"NPU check ({config.target}):          {placement['npu']} of {placement['npu'] + placement['host']} ops on the NPU, {placement['host']} on the host")
+    print(f"{f'NPU check ({config.target}):':30s}{placement['npu']} of {placement['npu'] + placement['host']} ops on the NPU, {placement['host']} on the host")
     print(f"INT8 model written to {qpath}")
     return 0
 
