@@ -66,13 +66,22 @@ def _length(data) -> int | None:
         return None
 
 
-def calibrate(model: torch.nn.Module, calibration_data: Iterable, *, max_batches: int | None = None, quiet: bool | None = None) -> int:
-    """Run calibration items through a prepared model (eval mode, no grad). Returns the count."""
-    arity = positional_arity(model)
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:
-        device = torch.device("cpu")
+def calibrate(model: torch.nn.Module, calibration_data: Iterable, *, max_batches: int | None = None, quiet: bool | None = None, inputs=None) -> int:
+    """Run calibration items through a prepared model (eval mode, no grad). Returns the count.
+
+    `inputs(item) -> (args, kwargs)` turns an item into the forward's inputs, on the model's
+    device; by default a tensor, tuple/list or dict as documented in the README."""
+    if inputs is None:
+        arity = positional_arity(model)
+        try:
+            device = next(model.parameters()).device
+        except StopIteration:
+            device = torch.device("cpu")
+
+        def inputs(batch):
+            args, kwargs = split_batch(batch, arity)
+            return _to_device(args, device), _to_device(kwargs, device)
+
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     total = max_batches if max_batches is not None else _length(calibration_data)
     was_training = model.training
@@ -83,8 +92,8 @@ def calibrate(model: torch.nn.Module, calibration_data: Iterable, *, max_batches
             for batch in tqdm(calibration_data, total=total, desc="calibrating", disable=quiet, unit="batch", leave=False):
                 if max_batches is not None and n >= max_batches:
                     break
-                args, kwargs = split_batch(batch, arity)
-                model(*_to_device(args, device), **_to_device(kwargs, device))
+                args, kwargs = inputs(batch)
+                model(*args, **kwargs)
                 n += 1
     except BaseException:
         if is_prepared(model):

@@ -53,14 +53,13 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils import _pytree as pytree
-from tqdm import tqdm
 
 from onnx_backend.errors import CalibrationError, ConfigError
 from onnx_backend.model_io import write_text_atomic
 from onnx_backend.validate import validate
 
 from . import distributed
-from .api import _to_device, positional_arity
+from .api import _to_device, calibrate, positional_arity
 from .config import QuantConfig, make_config
 from .export import export_with_report
 from .prepare import prepare, unprepare
@@ -342,21 +341,7 @@ class QuantizationCallback(Callback):
 
     def _calibrate(self, trainer, pl_module, batches, device) -> int:
         quiet = trainer.progress_bar_callback is None or not sys.stderr.isatty()
-        limit = self.num_batches
-        was_training = pl_module.training
-        pl_module.eval()
-        n = 0
-        try:
-            with torch.no_grad():
-                for batch in tqdm(batches, total=limit, desc="calibrating", disable=quiet, unit="batch", leave=False):
-                    if limit is not None and n >= limit:
-                        break
-                    args, kwargs = self._inputs(pl_module, batch, device)
-                    pl_module(*args, **kwargs)
-                    n += 1
-        finally:
-            pl_module.train(was_training)
-        return n
+        return calibrate(pl_module, batches, max_batches=self.num_batches, quiet=quiet, inputs=lambda batch: self._inputs(pl_module, batch, device))
 
     def _export(self, pl_module, args, kwargs, input_names, example_tensors, example_output):
         e = self.export_settings
