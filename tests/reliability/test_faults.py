@@ -100,7 +100,7 @@ def test_every_interrupt_of_the_onnx_calibrator_leaves_whole_samples():
     """Each tensor holds exactly the samples counted in `samples`; the calibrator carries on."""
     model = hostile.base_model()
     samples = _calibrator_samples(3)
-    functions = [Calibrator.collect_data, TensorStatistics.update, TensorStatistics.add_counts, TensorStatistics._widened]
+    functions = [Calibrator.collect_data, Calibrator._fold, TensorStatistics.update, TensorStatistics.add_counts, TensorStatistics._widened]
     n = lines_executed(functions, lambda: Calibrator(model, quiet=True).collect_data(samples))
     reference = Calibrator(model, CalibrationMethod.MSE_ASYM, quiet=True)
     reference.collect_data(samples)
