@@ -187,8 +187,8 @@ def test_stacking_and_cutting_runs_leaves_the_statistics_unchanged(monkeypatch):
     monkeypatch.setattr(calibrator._session, "run", lambda names, feeds: runs.append(feeds["x"].shape[0]) or run(names, feeds))
     calibrator.collect_data(data)
     assert calibrator.samples == len(data)
-    # First sample alone (it measures the activation size), the next two stacked, the 12-row
-    # sample cut into runs of 3 rows; the 8x24 samples, of a different shape, stacked together.
+    # First sample alone (it measures the activation size); the next three (15 rows) stacked and
+    # cut into runs of 3 rows; the 8x24 samples, of a different shape, stacked together.
     assert runs == [1, 3, 3, 3, 3, 3, 2], runs
     for name, stats in one_per_sample.statistics.items():
         assert calibrator.statistics[name].to_dict() == stats.to_dict(), name
