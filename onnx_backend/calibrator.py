@@ -39,6 +39,7 @@ MAX_STACK = 256  # samples stacked into one onnxruntime call, at most
 # run (fresh buffers of hundreds of MB cost page faults, and stay out of the cache): digits
 # models, 256 samples, in docs/BENCHMARKS.md's calibration table.
 RUN_BYTES = 12 << 20
+OVERLAP_MAX_BYTES = 64 << 20  # larger runs do not overlap: memory before speed
 STACK_RUNS = 8  # runs' worth of samples stacked and folded in together: runs overlap binning
 RANGES_VERSION = 1
 
@@ -381,7 +382,8 @@ class Calibrator:
         """Run the samples in `pending` and fold their activations into the statistics.
 
         onnxruntime computes the next run in a worker thread (it releases the GIL) while this one
-        bins the current run's activations: at most two runs' activations are alive at once.
+        bins the current run's activations, unless a run's activations exceed OVERLAP_MAX_BYTES
+        (one row of a large model): then one run's activations at a time.
         """
         where = f"sample {self.samples}" if len(pending) == 1 else f"samples {self.samples}..{self.samples + len(pending) - 1}"
         staged = dict(self.statistics)
@@ -394,13 +396,17 @@ class Calibrator:
                     outputs = future.result()
                 except Exception as exc:
                     raise CalibrationError(f"onnxruntime failed on calibration {where}: {exc}") from None
-                inputs = sum(a.nbytes for a in feeds.values())
+                inputs, produced = sum(a.nbytes for a in feeds.values()), sum(o.nbytes for o in outputs)
                 if inputs:
-                    self._activations_per_input_byte = sum(o.nbytes for o in outputs) / inputs
+                    self._activations_per_input_byte = produced / inputs
                 feeds = next(runs, None)  # sized by the activations just measured
-                future = None if feeds is None else pool.submit(self._session.run, self.tensors, feeds)
+                future = None
+                if feeds is not None and produced <= OVERLAP_MAX_BYTES:
+                    future = pool.submit(self._session.run, self.tensors, feeds)  # runs while these are binned
                 self._update(staged, outputs, where)
-                del outputs  # two runs' activations at most
+                del outputs
+                if feeds is not None and future is None:
+                    future = pool.submit(self._session.run, self.tensors, feeds)
         # One statement, no call in it: an interrupt (Ctrl-C) leaves every tensor with these
         # samples or none with them, and `samples` counting exactly the samples folded in.
         self.statistics, self.samples = staged, self.samples + len(pending)

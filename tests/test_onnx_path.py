@@ -166,10 +166,15 @@ def test_shapes_that_differ_from_sample_to_sample(name):
     assert sqnr_db(run_onnx(model, {"x": x})[0], run_onnx(qmodel, {"x": x})[0]) > 20
 
 
-def test_stacking_and_cutting_runs_leaves_the_statistics_unchanged(monkeypatch):
+@pytest.mark.parametrize("overlap", [True, False])
+def test_stacking_and_cutting_runs_leaves_the_statistics_unchanged(monkeypatch, overlap):
     """Small samples are stacked into one onnxruntime run and large ones cut into several
-    (about RUN_BYTES of activations each); the statistics equal those of one run per sample."""
+    (about RUN_BYTES of activations each), each run computed while the previous one is binned
+    (or, for runs too large to overlap, after it); the statistics equal those of one run per sample."""
     import onnx_backend.calibrator as calibrator_module
+
+    if not overlap:
+        monkeypatch.setattr(calibrator_module, "OVERLAP_MAX_BYTES", 0)
 
     entry = ZOO["unet"]
     model = float_export(entry, dynamic={"x": {0: "b", 2: "h", 3: "w"}})
