@@ -25,38 +25,14 @@ def _codes(functions: Iterable[Callable]) -> set[CodeType]:
     return out
 
 
-def lines_executed(functions: Iterable[Callable], call: Callable[[], object]) -> int:
-    codes, count = _codes(functions), 0
-
-    def local(frame, event, arg):
-        nonlocal count
-        if event == "line":
-            count += 1
-        return local
-
-    def tracer(frame, event, arg):
-        return local if frame.f_code in codes else None
-
-    sys.settrace(tracer)
-    try:
-        call()
-    finally:
-        sys.settrace(None)
-    return count
-
-
 @contextlib.contextmanager
-def interrupt_at_line(functions: Iterable[Callable], k: int):
-    """Raise KeyboardInterrupt at the k-th line event (0-based) inside `functions`."""
-    codes, seen = _codes(functions), 0
+def _on_each_line(functions: Iterable[Callable], on_line: Callable[[object], None]):
+    """Call on_line(frame) at every line event inside `functions` while the block runs."""
+    codes = _codes(functions)
 
     def local(frame, event, arg):
-        nonlocal seen
         if event == "line":
-            if seen == k:
-                seen += 1
-                raise KeyboardInterrupt(f"injected at line {frame.f_lineno} of {frame.f_code.co_name}")
-            seen += 1
+            on_line(frame)
         return local
 
     def tracer(frame, event, arg):
@@ -67,3 +43,30 @@ def interrupt_at_line(functions: Iterable[Callable], k: int):
         yield
     finally:
         sys.settrace(None)
+
+
+def lines_executed(functions: Iterable[Callable], call: Callable[[], object]) -> int:
+    count = 0
+
+    def on_line(frame):
+        nonlocal count
+        count += 1
+
+    with _on_each_line(functions, on_line):
+        call()
+    return count
+
+
+@contextlib.contextmanager
+def interrupt_at_line(functions: Iterable[Callable], k: int):
+    """Raise KeyboardInterrupt at the k-th line event (0-based) inside `functions`."""
+    seen = 0
+
+    def on_line(frame):
+        nonlocal seen
+        seen += 1
+        if seen - 1 == k:
+            raise KeyboardInterrupt(f"injected at line {frame.f_lineno} of {frame.f_code.co_name}")
+
+    with _on_each_line(functions, on_line):
+        yield

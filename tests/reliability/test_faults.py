@@ -201,18 +201,24 @@ def _big_model() -> onnx.ModelProto:
     return m
 
 
+@contextlib.contextmanager
+def _tmpfs(path, options: str, why_skip: str = ""):
+    """A real small filesystem at `path` (needs the right to mount: root, or a user namespace)."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}){why_skip}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """A real 64 KiB filesystem (needs the right to mount: root, or a user namespace)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the OS-boundary tests below cover the same steps")
-    try:
+    """A real 64 KiB filesystem."""
+    with _tmpfs(tmp_path / "small", "size=64k", "; the OS-boundary tests below cover the same steps") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_real_full_disk_leaves_no_partial_file_and_keeps_the_old_one(small_tmpfs):
@@ -236,19 +242,12 @@ def test_real_full_disk_through_the_cli(small_tmpfs, tmp_path):
 
 
 def test_read_only_filesystem(tmp_path):
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip()})")
-    try:
+    with _tmpfs(tmp_path / "ro", "ro,size=64k") as mnt:
         with pytest.raises(OutputPathError, match="not writable"):
             save_model(hostile.base_model(), mnt / "m.onnx")
         with pytest.raises(OutputPathError, match="not writable|nothing was written"):
             save_ranges({"x": (0.0, 1.0)}, mnt / "r.json")
         assert list(mnt.iterdir()) == []
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _enospc(*args, **kwargs):
