@@ -243,9 +243,9 @@ def _noise_two_sided(sums: tuple[np.ndarray, ...], lo_idx: np.ndarray, hi_idx: n
     return gamma * (np.maximum(below, 0.0) + np.maximum(above, 0.0)) + rounding
 
 
-# Candidate pairs scored at a time: the temporaries stay in the cache (2x faster than the whole
+# Candidate pairs scored at a time: the temporaries stay in the cache (1.9x faster than the whole
 # 512 x 512 grid at once); each pair's noise is computed exactly as it would be in one go.
-NOISE_BLOCK_ELEMENTS = 1 << 13
+NOISE_BLOCK_ELEMENTS = 1 << 16
 
 
 def _min_noise_window(stats: TensorStatistics, gamma: float) -> tuple[float, float]:
