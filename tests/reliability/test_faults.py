@@ -26,6 +26,7 @@ import torchq
 from onnx_backend import Calibrator, CalibrationMethod, assert_valid, save_model, save_ranges
 from onnx_backend import model_io
 from onnx_backend.errors import OutputPathError
+from onnx_backend import statistics
 from onnx_backend.statistics import TensorStatistics
 from tests.reliability import hostile
 from tests.reliability.cli_harness import ROOT, run_cli
@@ -41,10 +42,17 @@ def _state(s: TensorStatistics) -> dict:
     return s.to_dict() | {"exponent": s.exponent}
 
 
-def test_every_interrupt_of_a_histogram_update_leaves_the_old_or_the_new_statistics():
+# A second batch 50x wider re-bins the histogram (update's general path); one 50x narrower fits the
+# current bins (the compiled kernel counts it in place).
+SECOND_BATCH_SCALES = pytest.mark.parametrize("scale", [50.0, 0.02], ids=["widens the bins", "fits the bins"])
+HISTOGRAM_UPDATE = [TensorStatistics.update, TensorStatistics._update_in_place_bins, TensorStatistics.add_counts, TensorStatistics._widened]
+
+
+@SECOND_BATCH_SCALES
+def test_every_interrupt_of_a_histogram_update_leaves_the_old_or_the_new_statistics(scale):
     rng = np.random.default_rng(0)
-    first, second = rng.normal(size=2000).astype(np.float32), (rng.normal(size=2000) * 50).astype(np.float32)
-    functions = [TensorStatistics.update, TensorStatistics.add_counts, TensorStatistics._widened]
+    first, second = rng.normal(size=2000).astype(np.float32), (rng.normal(size=2000) * scale).astype(np.float32)
+    functions = HISTOGRAM_UPDATE
 
     def fresh():
         s = TensorStatistics(256)
@@ -68,10 +76,16 @@ def test_every_interrupt_of_a_histogram_update_leaves_the_old_or_the_new_statist
         assert _state(s) == after
 
 
-def test_every_interrupt_of_a_torch_observer_update_leaves_the_old_or_the_new_statistics():
+@SECOND_BATCH_SCALES
+@pytest.mark.parametrize("binning", ["compiled kernel (CPU tensors)", "torch ops (other devices)"])
+def test_every_interrupt_of_a_torch_observer_update_leaves_the_old_or_the_new_statistics(monkeypatch, binning, scale):
     rng = np.random.default_rng(1)
-    first, second = torch.from_numpy(rng.normal(size=2000).astype(np.float32)), torch.from_numpy((rng.normal(size=2000) * 50).astype(np.float32))
-    functions = [Observer.update, Observer._rebinned]
+    first, second = torch.from_numpy(rng.normal(size=2000).astype(np.float32)), torch.from_numpy((rng.normal(size=2000) * scale).astype(np.float32))
+    if binning.startswith("torch"):
+        monkeypatch.setattr(statistics, "_binning", None)  # the path a GPU tensor takes, here on the CPU
+        functions = [Observer.update, Observer._rebinned]
+    else:
+        functions = [Observer.update, Observer._update_on_host, *HISTOGRAM_UPDATE]
 
     def fresh():
         o = Observer("k", 256)
@@ -100,7 +114,7 @@ def test_every_interrupt_of_the_onnx_calibrator_leaves_whole_samples():
     """Each tensor holds exactly the samples counted in `samples`; the calibrator carries on."""
     model = hostile.base_model()
     samples = _calibrator_samples(3)
-    functions = [Calibrator.collect_data, Calibrator._fold, TensorStatistics.update, TensorStatistics.add_counts, TensorStatistics._widened]
+    functions = [Calibrator.collect_data, Calibrator._fold, *HISTOGRAM_UPDATE]
     n = lines_executed(functions, lambda: Calibrator(model, quiet=True).collect_data(samples))
     reference = Calibrator(model, CalibrationMethod.MSE_ASYM, quiet=True)
     reference.collect_data(samples)
