@@ -1,9 +1,9 @@
 /* Histogram binning kernel of onnx_backend.statistics: counts of x in bins of width 2**exponent,
- * bin k covering [k * 2**exponent, (k + 1) * 2**exponent), plus x's minimum and maximum.
+ * bin k covering [k * 2**exponent, (k + 1) * 2**exponent).
  *
  * Hand-written because binning is most of a calibration pass and numpy cannot do it in one pass:
- * min, max, scale, floor, convert and np.bincount (which scans for the minimum and maximum again)
- * cost about 2.2 ns a value; this is about 1.1 ns. numba compiles the same loop as fast, but
+ * scale, floor, convert and np.bincount (which scans for the minimum and maximum first) cost
+ * about 2.2 ns a value; this is about 1.1 ns. numba compiles the same loop as fast, but
  * importing and loading it costs 0.5 s per process, more than a whole calibration of a small
  * model (bench/onnx_path.py). The numpy path in statistics.py stays as the fallback and as the
  * reference the tests hold this kernel to (tests/test_statistics.py).
@@ -31,11 +31,10 @@
    exponent is positive, the only case where that can happen), and floor(v * w) - first is exact
    in the data's own precision (either every value is small, or all lie within a factor of two of
    `first`), so only the final, small index is converted to an integer. Returns -1, with the
-   counts partial, at the first tile holding a value outside the bins (or a NaN). */
+   counts partial, at the first tile holding a value outside the bins. */
 #define COUNT_BODY(T)                                                                         \
     int32_t idx[TILE];                                                                        \
     const T first_t = (T)first;                                                               \
-    T lo = x[0], hi = x[0];                                                                   \
     for (Py_ssize_t s = 0; s < n; s += TILE) {                                                \
         const Py_ssize_t m = n - s < TILE ? n - s : TILE;                                     \
         const T *p = x + s;                                                                   \
@@ -47,12 +46,8 @@
         } else {                                                                              \
             for (Py_ssize_t i = 0; i < m; i++) idx[i] = (int32_t)(FLOOR(p[i] * w) - first_t); \
         }                                                                                     \
-        uint32_t outside = 0;                                                                 \
-        for (Py_ssize_t i = 0; i < m; i++) {                                                  \
-            outside |= (uint32_t)idx[i] >= (uint32_t)nbins;                                   \
-            lo = p[i] < lo ? p[i] : lo;                                                       \
-            hi = p[i] > hi ? p[i] : hi;                                                       \
-        }                                                                                     \
+        uint32_t outside = 0; /* the caller checks; this keeps a wrong call from writing astray */ \
+        for (Py_ssize_t i = 0; i < m; i++) outside |= (uint32_t)idx[i] >= (uint32_t)nbins;   \
         if (outside) return -1;                                                               \
         Py_ssize_t j = 0;                                                                     \
         for (; j + LANES <= m; j += LANES) {                                                  \
@@ -63,15 +58,13 @@
         }                                                                                     \
         for (; j < m; j++) lane[0][idx[j]]++;                                                 \
     }                                                                                         \
-    *lo_out = lo;                                                                             \
-    *hi_out = hi;                                                                             \
     return 0;
 
 #define FLOOR floorf
-CLONES static int count_f32(const float *x, Py_ssize_t n, float w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins, double *lo_out, double *hi_out) { COUNT_BODY(float) }
+CLONES static int count_f32(const float *x, Py_ssize_t n, float w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins) { COUNT_BODY(float) }
 #undef FLOOR
 #define FLOOR floor
-CLONES static int count_f64(const double *x, Py_ssize_t n, double w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins, double *lo_out, double *hi_out) { COUNT_BODY(double) }
+CLONES static int count_f64(const double *x, Py_ssize_t n, double w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins) { COUNT_BODY(double) }
 #undef FLOOR
 
 static int is_format(const Py_buffer *b, char code, Py_ssize_t itemsize) {
@@ -80,13 +73,14 @@ static int is_format(const Py_buffer *b, char code, Py_ssize_t itemsize) {
     return b->itemsize == itemsize && f[0] == code && f[1] == 0;
 }
 
-/* count(x, w, first, underflow, counts) -> (min, max): add the bin counts of x to `counts`, a
-   C-contiguous int64 array whose index 0 is bin `first`. x: a non-empty, C-contiguous float32
-   or float64 array. A value outside the bins of `counts`, or a NaN, raises ValueError and leaves
-   `counts` partly updated: pass a copy when that matters. */
+/* count(x, w, first, underflow, counts): add the bin counts of x to `counts`, a C-contiguous
+   int64 array whose index 0 is bin `first`. x: a non-empty, C-contiguous float32 or float64
+   array of finite values that all lie in those bins (the caller knows x's min and max). A value
+   outside them raises ValueError with `counts` partly updated (on x86 a NaN does too; other
+   CPUs may convert it to bin 0: check first). */
 static PyObject *count(PyObject *self, PyObject *args) {
     PyObject *x_obj, *counts_obj;
-    double w, lo = 0, hi = 0;
+    double w;
     long long first;
     int underflow, status = -1;
     Py_buffer x, out;
@@ -115,23 +109,23 @@ static PyObject *count(PyObject *self, PyObject *args) {
     int64_t *lane[LANES] = {(int64_t *)out.buf, scratch, scratch + nbins, scratch + 2 * nbins};
     Py_BEGIN_ALLOW_THREADS
     if (f32)
-        status = count_f32((const float *)x.buf, n, (float)w, first, underflow, lane, nbins, &lo, &hi);
+        status = count_f32((const float *)x.buf, n, (float)w, first, underflow, lane, nbins);
     else
-        status = count_f64((const double *)x.buf, n, w, first, underflow, lane, nbins, &lo, &hi);
+        status = count_f64((const double *)x.buf, n, w, first, underflow, lane, nbins);
     for (Py_ssize_t k = 0; status == 0 && k < nbins; k++) lane[0][k] += lane[1][k] + lane[2][k] + lane[3][k];
     Py_END_ALLOW_THREADS
     free(scratch);
     PyBuffer_Release(&x);
     PyBuffer_Release(&out);
     if (status < 0) {
-        PyErr_SetString(PyExc_ValueError, "count(): a value lies outside the bins of the counts array (or is NaN)");
+        PyErr_SetString(PyExc_ValueError, "count(): a value lies outside the bins of the counts array");
         return NULL;
     }
-    return Py_BuildValue("(dd)", lo, hi);
+    Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"count", count, METH_VARARGS, "count(x, w, first, underflow, counts) -> (min, max): add the bin counts of x to counts"},
+    {"count", count, METH_VARARGS, "count(x, w, first, underflow, counts): add the bin counts of x to counts"},
     {NULL, NULL, 0, NULL},
 };
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_binning", "Histogram binning kernel (see statistics.bin_batch).", -1, methods};

@@ -166,34 +166,30 @@ class TensorStatistics:
         if x.size == 0:
             return
         x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False).ravel()
-        if self._update_in_place_bins(x):
-            return
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise NonFiniteError("NaN or Inf in calibration data")
+        if self._fits_current_bins(lo, hi):
+            counts = self.counts.copy()  # never written into: see add_counts
+            _binning.count(_native(x), math.ldexp(1.0, -self.exponent), self.offset, self.exponent > 0, counts)
+            # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
+            self.counts, self.min, self.max, self.count = counts, min(lo, self.min), max(hi, self.max), self.count + x.size
+            return
         e = required_exponent(min(lo, self.min), max(hi, self.max), self.max_bins)
         counts, first = bin_batch(x, e, lo, hi)
         self.add_counts(lo, hi, x.size, counts, first, e)
 
-    def _update_in_place_bins(self, x: np.ndarray) -> bool:
-        """The common case after the first batches: every value of x falls in the current bins.
-        The compiled kernel counts x into a copy of the counts in one pass; if the exponent the
-        new range requires is the current one (it almost always is: the range grew within the same
-        end bins), the first bin is too, and the result is exactly what update's general path
-        gives. False, with nothing changed, otherwise (and for a NaN)."""
+    def _fits_current_bins(self, lo: float, hi: float) -> bool:
+        """The common case after the first batches: a batch spanning [lo, hi] lies in the current
+        bins and the wider range requires the current exponent (it almost always does: the range
+        grew within the same end bins), so the first bin stays too and the compiled kernel can
+        count the batch straight into a copy of the counts -- exactly what the general path of
+        `update` gives, without its re-binning."""
         if _binning is None or self.empty:
             return False
-        counts = self.counts.copy()  # the kernel may stop half-way; the current counts stay intact
-        try:
-            lo, hi = _binning.count(_native(x), math.ldexp(1.0, -self.exponent), self.offset, self.exponent > 0, counts)
-        except ValueError:
+        if bin_of(lo, self.exponent) < self.offset or bin_of(hi, self.exponent) >= self.offset + self.counts.size:
             return False
-        new_lo, new_hi = min(lo, self.min), max(hi, self.max)
-        if required_exponent(new_lo, new_hi, self.max_bins) != self.exponent:
-            return False
-        # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
-        self.counts, self.min, self.max, self.count = counts, new_lo, new_hi, self.count + x.size
-        return True
+        return required_exponent(min(lo, self.min), max(hi, self.max), self.max_bins) == self.exponent
 
     def add_counts(self, lo: float, hi: float, n: int, counts: np.ndarray, first: int, exponent: int) -> None:
         """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`.
