@@ -3,7 +3,8 @@
  *
  * Hand-written because binning is most of a calibration pass and numpy cannot do it in one pass:
  * scale, floor, convert and np.bincount (which scans for the minimum and maximum first) cost
- * about 2.2 ns a value; this is about 1.1 ns. numba compiles the same loop as fast, but
+ * 2-2.5 ns a value; this costs 1.3-1.45 with the min and max the caller takes first
+ * (docs/bench/binning.md, `python -m bench.binning`). numba compiles the same loop as fast, but
  * importing and loading it costs 0.5 s per process, more than a whole calibration of a small
  * model (bench/onnx_path.py). The numpy path in statistics.py stays as the fallback and as the
  * reference the tests hold this kernel to (tests/test_statistics.py).

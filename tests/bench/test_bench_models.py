@@ -71,3 +71,12 @@ def test_digits_family_quantizes_to_a_valid_model(name):
     x = torch.from_numpy(digits.calibration_arrays(16))
     qmodel = torchq.quantize(model, [x[:8], x[8:]], (x[:1],), quiet=True)
     assert_valid(qmodel)
+
+
+def test_binning_benchmark_compares_implementations_that_build_the_same_statistics(monkeypatch):
+    from bench import binning
+
+    monkeypatch.setattr(binning, "SIZES", (5000,))
+    rows = binning.measure()  # exits if an implementation built different statistics
+    assert [r[:2] for r in rows] == [["relu", 5000], ["normal", 5000]]
+    assert all(float(t) > 0 for r in rows for t in r[2:5])

@@ -1,0 +1,132 @@
+"""How fast calibration histograms are built: nanoseconds per value, by implementation.
+
+    PYTHONPATH=$PWD python -m bench.binning [--no-write]
+
+Times one `TensorStatistics.update` of a batch that fits the current bins (the common case after
+the first batches) with the compiled kernel (onnx_backend/_binning.c), the same update with the
+numpy fallback, and a PyTorch observer's update through torch ops (what a GPU tensor takes), on
+activation-like data: ReLU outputs (half exact zeros, the case that serializes a plain
+bincount), a normal distribution, and a cache-sized and a large batch. Every implementation
+must build the same statistics; the script checks that before it times anything. Prints a table
+and writes docs/bench/binning.md with it and this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = (1 << 16, 1 << 22)
+
+
+def _data(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    x = rng.normal(size=n).astype(np.float32)
+    return np.maximum(x, 0) if kind == "relu" else x
+
+
+def _seconds_per_update(update, x, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            update(x)
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return best
+
+
+def _implementations():
+    """(name, make_fresh_state, update, snapshot_of_its_statistics) for each implementation."""
+    from onnx_backend import statistics
+    from onnx_backend.statistics import TensorStatistics
+    from torchq.observer import Observer
+
+    kernel = statistics._binning
+
+    def with_kernel(module_kernel, fn):
+        def run(*args):
+            saved = statistics._binning
+            statistics._binning = module_kernel
+            try:
+                return fn(*args)
+            finally:
+                statistics._binning = saved
+
+        return run
+
+    def stats_update(kernel_or_none):
+        return with_kernel(kernel_or_none, lambda s, x: s.update(x))
+
+    def observer_update(s, x):
+        s.update(torch.from_numpy(x))
+
+    return [
+        ("TensorStatistics, compiled kernel", TensorStatistics, stats_update(kernel), TensorStatistics.copy),
+        ("TensorStatistics, numpy fallback", TensorStatistics, stats_update(None), TensorStatistics.copy),
+        ("PyTorch observer, torch ops (GPU path, here on the CPU)", lambda: Observer("x", 4096), with_kernel(None, observer_update), lambda s: s.to_statistics()),
+    ]
+
+
+def measure() -> list[list]:
+    from onnx_backend import statistics
+
+    if statistics._binning is None:
+        raise SystemExit("the compiled kernel is not built: pip install -e . (needs a C compiler)")
+    rng = np.random.default_rng(0)
+    impls = _implementations()
+    rows = []
+    for kind in ("relu", "normal"):
+        for n in SIZES:
+            first, batch = _data(kind, n, rng), _data(kind, n, rng) * np.float32(0.5)  # the batch fits the first one's bins
+            built, times = [], []
+            for name, fresh, update, stats_of in impls:
+                s = fresh()
+                update(s, first)
+                update(s, batch)
+                built.append(stats_of(s))
+                repeats = max(3, (1 << 24) // n)
+                times.append(_seconds_per_update(lambda x, s=s, update=update: update(s, x), batch, repeats) / n * 1e9)
+            reference = built[0]
+            for (name, *_), other in zip(impls, built):
+                same = (other.min, other.max, other.count, other.exponent, other.offset) == (reference.min, reference.max, reference.count, reference.exponent, reference.offset)
+                if not (same and np.array_equal(other.counts, reference.counts)):
+                    raise SystemExit(f"{name} built different statistics than the compiled kernel")
+            rows.append([kind, n, *(f"{t:.2f}" for t in times), f"{times[1] / times[0]:.1f}x", f"{times[2] / times[0]:.1f}x"])
+    return rows
+
+
+def render(rows: list[list]) -> str:
+    header = ["data", "values per batch", "compiled kernel ns/value", "numpy fallback ns/value", "torch ops ns/value", "kernel vs numpy", "kernel vs torch ops"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/bench/binning.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    table = render(measure())
+    print(table)
+    if not args.no_write:
+        from onnx_backend.model_io import write_text_atomic
+
+        machine = f"{platform.processor() or platform.machine()}, 1 thread"
+        text = (
+            "# Histogram binning speed\n\n"
+            f"`PYTHONPATH=$PWD python -m bench.binning` ({machine}; best of 3). One `update` of a batch that fits the\n"
+            "current bins, per value: min and max, bin indices, counts. Every implementation builds the same statistics\n"
+            "(checked before timing). ReLU data is half exact zeros.\n\n" + table + "\n"
+        )
+        write_text_atomic(ROOT / "docs" / "bench" / "binning.md", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
