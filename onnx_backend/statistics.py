@@ -88,13 +88,15 @@ def bin_batch(x: np.ndarray, exponent: int, lo: float | None = None, hi: float |
     if _binning is None:
         return bin_batch_numpy(x, exponent, first, last), first
     counts = np.zeros(last - first + 1, dtype=np.int64)
-    _binning.count(_native(x), math.ldexp(1.0, -exponent), first, exponent > 0, counts)
+    _count_into(counts, x, exponent, first)
     return counts, first
 
 
-def _native(x: np.ndarray) -> np.ndarray:
-    """x as the kernel reads it: C-contiguous, native byte order."""
-    return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+def _count_into(counts: np.ndarray, x: np.ndarray, exponent: int, first: int) -> None:
+    """Add the bin counts of x (every value in the bins of `counts`, whose index 0 is bin
+    `first`) to `counts`, with the compiled kernel."""
+    native = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))  # what the kernel reads
+    _binning.count(native, math.ldexp(1.0, -exponent), first, exponent > 0, counts)
 
 
 # Elements binned at a time: the temporaries stay in the cache, 1.7x faster than whole-array
@@ -171,7 +173,7 @@ class TensorStatistics:
             raise NonFiniteError("NaN or Inf in calibration data")
         if self._fits_current_bins(lo, hi):
             counts = self.counts.copy()  # never written into: see add_counts
-            _binning.count(_native(x), math.ldexp(1.0, -self.exponent), self.offset, self.exponent > 0, counts)
+            _count_into(counts, x, self.exponent, self.offset)
             # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
             self.counts, self.min, self.max, self.count = counts, min(lo, self.min), max(hi, self.max), self.count + x.size
             return
