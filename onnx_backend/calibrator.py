@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from . import model_io
 from .errors import CalibrationError, ConfigError, InvalidModelError
-from .range_selection import DEFAULT_PERCENTILE, Method, select_range
+from .parallel import cpus, map_in_threads
+from .range_selection import DEFAULT_PERCENTILE, Method, is_slow_search, select_range
 from .statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
 
 RANGES_FORMAT = "torchq-ranges"
@@ -188,11 +189,6 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _cpus() -> int:
-    """CPUs this process may run on (a container's limit, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def _progress(iterable, desc: str, quiet: bool | None):
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     total = len(iterable) if hasattr(iterable, "__len__") else None
@@ -288,7 +284,7 @@ class Calibrator:
         options = ort.SessionOptions()
         # One core is left to the thread that bins the previous run's activations while
         # onnxruntime computes the next (see _fold): 1.2-1.5x faster on the bench's models.
-        options.intra_op_num_threads = max(1, _cpus() - 1)
+        options.intra_op_num_threads = max(1, cpus() - 1)
         options.log_severity_level = 4  # errors reach the user as one CalibrationError line, not as a log
         for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
             options.graph_optimization_level = level
@@ -432,11 +428,10 @@ class Calibrator:
         if self.samples == 0:
             raise CalibrationError("no calibration data collected; call collect_data first")
         method = self.calibration_method
-        ranges = {}
-        for name, stats in self.statistics.items():
-            if stats.empty:
-                continue
-            ranges[name] = select_range(stats, method.method, method.symmetric, percentile=self.percentage)
-            if verbose:
-                print(f"{name}: [{ranges[name][0]:.6g}, {ranges[name][1]:.6g}]")
+        observed = [(name, stats) for name, stats in self.statistics.items() if not stats.empty]
+        chosen = map_in_threads(lambda item: select_range(item[1], method.method, method.symmetric, percentile=self.percentage), observed, threads=is_slow_search(method.method, method.symmetric))
+        ranges = {name: r for (name, _), r in zip(observed, chosen)}
+        if verbose:
+            for name, (lo, hi) in ranges.items():
+                print(f"{name}: [{lo:.6g}, {hi:.6g}]")
         return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None)

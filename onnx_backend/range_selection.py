@@ -87,6 +87,13 @@ def select_range(
     return _contain_zero_and_clamp(chosen, lo, hi, symmetric and not never_negative)
 
 
+def is_slow_search(method: Method | str, symmetric: bool) -> bool:
+    """Whether choosing a range takes milliseconds rather than microseconds: entropy's KL
+    searches and the two-sided (lo, hi) grid searches of mse and sqnr. Worth a thread each."""
+    method = Method(method)
+    return method is Method.ENTROPY or (method in (Method.MSE, Method.SQNR) and not symmetric)
+
+
 def _contain_zero_and_clamp(r: tuple[float, float], lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
     a, b = min(float(r[0]), 0.0), max(float(r[1]), 0.0)
     if symmetric:

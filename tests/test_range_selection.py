@@ -134,3 +134,16 @@ def test_bad_arguments():
         select_range(stats_of([1.0, 2.0]), "percentile", percentile=0)
     with pytest.raises(ValueError, match="no calibration data"):
         select_range(TensorStatistics(), "mse")
+
+
+@pytest.mark.parametrize("method", ["entropy", "mse", "sqnr"])
+def test_range_searches_in_threads_choose_what_they_choose_one_by_one(method):
+    from onnx_backend.parallel import map_in_threads
+    from onnx_backend.range_selection import is_slow_search
+
+    rng = np.random.default_rng(7)
+    tensors = [stats_of(rng.standard_t(df=3 + i % 5, size=20_000) * (1 + i) + i % 3) for i in range(12)]
+    one_by_one = [select_range(s, method) for s in tensors]
+    assert is_slow_search(method, symmetric=False)
+    assert map_in_threads(lambda s: select_range(s, method), tensors) == one_by_one
+    assert map_in_threads(lambda s: select_range(s, method), tensors, threads=False) == one_by_one

@@ -20,8 +20,9 @@ from onnx_backend import markers
 from onnx_backend.calibrator import Ranges, save_ranges
 from onnx_backend.errors import CalibrationError, ConfigError, TorchqError
 from onnx_backend.model_io import save_model, write_text_atomic
+from onnx_backend.parallel import map_in_threads
 from onnx_backend.quantizer import QuantizationReport, quantize_with_report
-from onnx_backend.range_selection import select_range
+from onnx_backend.range_selection import is_slow_search, select_range
 from onnx_backend.statistics import TensorStatistics
 
 from .capture import Phase
@@ -280,14 +281,17 @@ def statistics_by_tensor(bindings: Mapping[str, list[str]], observers: Mapping, 
 
 def choose_ranges(stats: Mapping[str, TensorStatistics], source: Mapping[str, str], config: QuantConfig) -> tuple[dict, set[str]]:
     """Ranges by each tensor's module settings, and the tensors whose modules stay float."""
-    ranges, float_tensors = {}, set()
-    for tensor, st in stats.items():
-        s = config.settings_for(_module_of(source[tensor]))
-        if s["float"]:
-            float_tensors.add(tensor)
-        method = "mse" if s["method"] == "auto" else s["method"]  # auto is chosen by the technique pipeline
-        ranges[tensor] = select_range(st, method, s["symmetric"], percentile=s["percentile"], sqnr_gamma=config.sqnr_gamma)
-    return ranges, float_tensors
+    settings = {tensor: config.settings_for(_module_of(source[tensor])) for tensor in stats}
+    float_tensors = {tensor for tensor, s in settings.items() if s["float"]}
+    method = {tensor: "mse" if s["method"] == "auto" else s["method"] for tensor, s in settings.items()}  # auto is chosen by the technique pipeline
+
+    def chosen(tensor: str) -> tuple[float, float]:
+        s = settings[tensor]
+        return select_range(stats[tensor], method[tensor], s["symmetric"], percentile=s["percentile"], sqnr_gamma=config.sqnr_gamma)
+
+    tensors = list(stats)
+    slow = any(is_slow_search(method[t], settings[t]["symmetric"]) for t in tensors)
+    return dict(zip(tensors, map_in_threads(chosen, tensors, threads=slow))), float_tensors
 
 
 @dataclass
