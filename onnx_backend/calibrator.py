@@ -30,8 +30,8 @@ from tqdm import tqdm
 
 from . import model_io
 from .errors import CalibrationError, ConfigError, InvalidModelError
-from .parallel import cpus, map_in_threads
-from .range_selection import DEFAULT_PERCENTILE, Method, is_slow_search, select_range
+from .parallel import cpus
+from .range_selection import DEFAULT_PERCENTILE, Method, map_range_searches, select_range
 from .statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
 
 RANGES_FORMAT = "torchq-ranges"
@@ -428,9 +428,9 @@ class Calibrator:
         if self.samples == 0:
             raise CalibrationError("no calibration data collected; call collect_data first")
         method = self.calibration_method
-        observed = [(name, stats) for name, stats in self.statistics.items() if not stats.empty]
-        chosen = map_in_threads(lambda item: select_range(item[1], method.method, method.symmetric, percentile=self.percentage), observed, threads=is_slow_search(method.method, method.symmetric))
-        ranges = {name: r for (name, _), r in zip(observed, chosen)}
+        observed = [name for name, stats in self.statistics.items() if not stats.empty]
+        chosen = map_range_searches(lambda name: select_range(self.statistics[name], method.method, method.symmetric, percentile=self.percentage), observed, lambda _: (method.method, method.symmetric))
+        ranges = dict(zip(observed, chosen))
         if verbose:
             for name, (lo, hi) in ranges.items():
                 print(f"{name}: [{lo:.6g}, {hi:.6g}]")

@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from enum import Enum
+from typing import TypeVar
 
 import numpy as np
 
+from .parallel import map_in_threads
 from .statistics import TensorStatistics
 
+R = TypeVar("R")
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_SQNR_GAMMA = 3.0
 LEVELS = 256  # int8
@@ -92,6 +96,13 @@ def is_slow_search(method: Method | str, symmetric: bool) -> bool:
     searches and the two-sided (lo, hi) grid searches of mse and sqnr. Worth a thread each."""
     method = Method(method)
     return method is Method.ENTROPY or (method in (Method.MSE, Method.SQNR) and not symmetric)
+
+
+def map_range_searches(search: Callable[[str], R], tensors: Sequence[str], method_of: Callable[[str], tuple[Method | str, bool]]) -> list[R]:
+    """[search(t) for t in tensors], one thread per CPU when any tensor's search is slow
+    (method_of(t): its method and symmetry); one after the other otherwise."""
+    slow = any(is_slow_search(*method_of(t)) for t in tensors)
+    return map_in_threads(search, tensors, threads=slow)
 
 
 def _contain_zero_and_clamp(r: tuple[float, float], lo: float, hi: float, symmetric: bool) -> tuple[float, float]:

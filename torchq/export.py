@@ -20,9 +20,8 @@ from onnx_backend import markers
 from onnx_backend.calibrator import Ranges, save_ranges
 from onnx_backend.errors import CalibrationError, ConfigError, TorchqError
 from onnx_backend.model_io import save_model, write_text_atomic
-from onnx_backend.parallel import map_in_threads
 from onnx_backend.quantizer import QuantizationReport, quantize_with_report
-from onnx_backend.range_selection import is_slow_search, select_range
+from onnx_backend.range_selection import map_range_searches, select_range
 from onnx_backend.statistics import TensorStatistics
 
 from .capture import Phase
@@ -290,8 +289,7 @@ def choose_ranges(stats: Mapping[str, TensorStatistics], source: Mapping[str, st
         return select_range(stats[tensor], method[tensor], s["symmetric"], percentile=s["percentile"], sqnr_gamma=config.sqnr_gamma)
 
     tensors = list(stats)
-    slow = any(is_slow_search(method[t], settings[t]["symmetric"]) for t in tensors)
-    return dict(zip(tensors, map_in_threads(chosen, tensors, threads=slow))), float_tensors
+    return dict(zip(tensors, map_range_searches(chosen, tensors, lambda t: (method[t], settings[t]["symmetric"])))), float_tensors
 
 
 @dataclass

@@ -32,8 +32,7 @@ import onnx
 
 from ..calibrator import Ranges, activation_tensors
 from ..errors import CalibrationError
-from ..parallel import map_in_threads
-from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA, is_slow_search, select_range
+from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA, map_range_searches, select_range
 from ..statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
 from .graph import Feeds, tensors_on
 
@@ -61,8 +60,7 @@ class Statistics:
     def ranges(self, method_for: Callable[[str], tuple[str, bool]], *, percentile: float = DEFAULT_PERCENTILE, sqnr_gamma: float = DEFAULT_SQNR_GAMMA) -> Ranges:
         """{tensor: (lo, hi)}; `method_for(tensor)` gives (method, symmetric)."""
         observed = [name for name, st in self.stats.items() if not st.empty]
-        slow = any(is_slow_search(*method_for(name)) for name in observed)
-        chosen = map_in_threads(lambda name: self.range_of(name, *method_for(name), percentile=percentile, sqnr_gamma=sqnr_gamma), observed, threads=slow)
+        chosen = map_range_searches(lambda name: self.range_of(name, *method_for(name), percentile=percentile, sqnr_gamma=sqnr_gamma), observed, method_for)
         return Ranges(dict(zip(observed, chosen)), method="per-tensor", percentile=percentile)
 
     def range_of(self, name: str, method: str, symmetric: bool, **kw) -> tuple[float, float]:
