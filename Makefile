@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 # Reinstalled when the project's build inputs change (dependencies, the compiled binning kernel).
-BUILD_INPUTS := pyproject.toml setup.py onnx_backend/_binning.c
+BUILD_INPUTS := pyproject.toml setup.py onnx_backend/_binning.c onnx_backend/_search.c
 STAMP  := $(VENV)/.installed-$(shell cat $(BUILD_INPUTS) | cksum | cut -d' ' -f1)
 
 .PHONY: demo test bench bench-quick clean

@@ -1,10 +1,21 @@
-"""The one compiled part of torchq: the histogram binning kernel (onnx_backend/_binning.c).
+"""The compiled parts of torchq, both optional kernels with numpy fallbacks:
 
-Everything else is in pyproject.toml. The extension is optional: without a C compiler the
-install still succeeds and statistics.bin_batch falls back to numpy (1.5-1.9x slower,
-docs/bench/binning.md).
+* onnx_backend/_binning.c -- histogram binning (statistics.bin_batch; numpy is 1.5-1.9x slower,
+  docs/bench/binning.md);
+* onnx_backend/_search.c -- the entropy (KL) and two-sided mse/sqnr range searches
+  (range_selection; numpy is several times slower, docs/bench/binning.md).
+
+Everything else is in pyproject.toml. Without a C compiler the install still succeeds and the
+numpy code runs instead.
 """
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("onnx_backend._binning", ["onnx_backend/_binning.c"], extra_compile_args=["-O3"], optional=True)])
+setup(
+    ext_modules=[
+        Extension("onnx_backend._binning", ["onnx_backend/_binning.c"], extra_compile_args=["-O3", "-fopenmp-simd"], optional=True),
+        # -ffp-contract=off: no fused multiply-adds, so the noise grid gives numpy's doubles;
+        # -fopenmp-simd: the `omp simd` reduction may be vectorized (no OpenMP runtime).
+        Extension("onnx_backend._search", ["onnx_backend/_search.c"], extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp-simd"], optional=True),
+    ]
+)

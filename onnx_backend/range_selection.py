@@ -39,6 +39,11 @@ import numpy as np
 from .parallel import map_in_threads
 from .statistics import TensorStatistics
 
+try:  # the compiled search kernels (setup.py); the numpy code below when they were not built
+    from . import _search
+except ImportError:  # pragma: no cover - depends on the install
+    _search = None
+
 R = TypeVar("R")
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_SQNR_GAMMA = 3.0
@@ -247,7 +252,10 @@ def _percentile_two_sided(stats: TensorStatistics, *, percentile: float, **_) ->
     return lo, hi
 
 
-def _noise_two_sided(sums: tuple[np.ndarray, ...], lo_idx: np.ndarray, hi_idx: np.ndarray, gamma: float) -> np.ndarray:
+ROUNDING_NOISE = 1.0 / (12.0 * (LEVELS - 1) ** 2)  # of a step^2 / 12 per value, per bin unit^2 of range
+
+
+def _noise_two_sided(sums: tuple[np.ndarray, ...], lo_idx: np.ndarray, hi_idx: np.ndarray, gamma: float, rounding_noise: float = ROUNDING_NOISE) -> np.ndarray:
     """Noise for every (lo edge, hi edge) pair, shape (len(lo_idx), len(hi_idx)), bin units^2
     (sums: _tail_sums of the counts)."""
     C, S1, S2 = sums
@@ -256,8 +264,10 @@ def _noise_two_sided(sums: tuple[np.ndarray, ...], lo_idx: np.ndarray, hi_idx: n
     a, b = lo_idx[:, None], hi_idx[None, :]
     below = S2[a] - 2 * L * S1[a] + L * L * C[a]
     above = (S2[-1] - S2[b]) - 2 * H * (S1[-1] - S1[b]) + H * H * (C[-1] - C[b])
-    step = (H - L) / (LEVELS - 1)
-    rounding = (C[b] - C[a]) * step * step / 12.0
+    # Rounding noise n_in * step^2 / 12 with step = (H - L) / 255, written with one constant
+    # factor instead of two divisions (the compiled kernel does the same operations in the same
+    # order, so both give the same doubles).
+    rounding = (C[b] - C[a]) * ((H - L) * (H - L)) * rounding_noise
     return gamma * (np.maximum(below, 0.0) + np.maximum(above, 0.0)) + rounding
 
 
@@ -269,16 +279,23 @@ NOISE_BLOCK_ELEMENTS = 1 << 16
 def _min_noise_window(stats: TensorStatistics, gamma: float) -> tuple[float, float]:
     """The grid's (lo, hi) of least noise; ties go to the first in (lo, hi) order, as np.argmin."""
     lo_idx, hi_idx = _two_sided_grid(stats, MAX_GRID)
-    sums = _tail_sums(stats.counts)
+    search = _min_noise_numpy if _search is None else _search.min_noise
+    best_i, best_j = search(*_tail_sums(stats.counts), lo_idx, hi_idx, float(gamma), ROUNDING_NOISE)
+    edges = stats.edges()
+    return float(edges[lo_idx[best_i]]), float(edges[hi_idx[best_j]])
+
+
+def _min_noise_numpy(C, S1, S2, lo_idx: np.ndarray, hi_idx: np.ndarray, gamma: float, rounding_noise: float) -> tuple[int, int]:
+    """The compiled `min_noise` in numpy: the fallback, and the reference the kernel is tested
+    against. (i, j) of the least-noise pair, scored in blocks of rows."""
     rows = max(1, NOISE_BLOCK_ELEMENTS // hi_idx.size)
     best, best_i, best_j = np.inf, 0, 0
     for r in range(0, lo_idx.size, rows):
-        noise = _noise_two_sided(sums, lo_idx[r : r + rows], hi_idx, gamma)
+        noise = _noise_two_sided((C, S1, S2), lo_idx[r : r + rows], hi_idx, gamma, rounding_noise)
         k = int(np.argmin(noise))
         if noise.flat[k] < best:
             best, (best_i, best_j) = noise.flat[k], (r + k // hi_idx.size, k % hi_idx.size)
-    edges = stats.edges()
-    return float(edges[lo_idx[best_i]]), float(edges[hi_idx[best_j]])
+    return best_i, best_j
 
 
 def _mse_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:
@@ -362,8 +379,17 @@ def _kl_windows(counts: np.ndarray, starts: np.ndarray, ends: np.ndarray, levels
         NZ=np.concatenate([[0.0], np.cumsum(c > 0, dtype=np.float64)]),
     )
     starts, ends = starts.astype(np.int64), ends.astype(np.int64)
-    # Blocks of windows: the (windows, levels) temporaries stay in the cache instead of costing
-    # fresh pages for every array (3-4x faster for a 2048-window search).
+    if _search is None or levels & (levels - 1):  # the kernel takes powers of two
+        return _kl_windows_numpy(sums, starts, ends, levels)
+    out = np.empty(starts.size)
+    _search.kl_windows(c, sums.C, sums.PL, sums.NZ, starts, ends, levels, out)
+    return out
+
+
+def _kl_windows_numpy(sums: _PrefixSums, starts: np.ndarray, ends: np.ndarray, levels: int) -> np.ndarray:
+    """The compiled `kl_windows` in numpy: the fallback, and the reference the kernel is tested
+    against. Blocks of windows: the (windows, levels) temporaries stay in the cache instead of
+    costing fresh pages for every array (3-4x faster for a 2048-window search)."""
     block = max(1, KL_BLOCK_ELEMENTS // (levels + 1))
     return np.concatenate([_kl_block(sums, starts[i : i + block], ends[i : i + block], levels) for i in range(0, starts.size, block)])
 

@@ -86,17 +86,22 @@ def test_mse_minimises_its_noise_model(heavy_tailed):
         assert best <= expected_noise(heavy_tailed, lo * f, hi * f) + 1e-12
 
 
+@pytest.mark.parametrize("implementation", ["compiled kernel", "numpy blocks"])
 @pytest.mark.parametrize("gamma", [1.0, 3.0])
 @pytest.mark.parametrize("data", ["heavy tailed", "uniform (flat noise: ties)"])
-def test_blockwise_search_picks_the_whole_grids_first_minimum(heavy_tailed, data, gamma):
+def test_noise_search_picks_the_whole_grids_first_minimum(heavy_tailed, data, gamma, implementation, monkeypatch):
     from onnx_backend import range_selection as rs
 
+    if implementation == "numpy blocks":
+        monkeypatch.setattr(rs, "_search", None)
+    else:
+        assert rs._search is not None, "the compiled search kernels are not built"
     stats = heavy_tailed if data == "heavy tailed" else stats_of(np.linspace(-1, 1, 4096))
     lo_idx, hi_idx = rs._two_sided_grid(stats, rs.MAX_GRID)
     noise = rs._noise_two_sided(rs._tail_sums(stats.counts), lo_idx, hi_idx, gamma)  # the grid at once
     i, j = np.unravel_index(int(np.argmin(noise)), noise.shape)
     edges = stats.edges()
-    assert lo_idx.size * hi_idx.size >= 2 * rs.NOISE_BLOCK_ELEMENTS  # several blocks
+    assert lo_idx.size * hi_idx.size >= 2 * rs.NOISE_BLOCK_ELEMENTS  # several blocks (numpy)
     assert rs._min_noise_window(stats, gamma) == (float(edges[lo_idx[i]]), float(edges[hi_idx[j]]))
 
 
