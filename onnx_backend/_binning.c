@@ -3,7 +3,7 @@
  *
  * Hand-written because binning is most of a calibration pass and numpy cannot do it in one pass:
  * scale, floor, convert and np.bincount (which scans for the minimum and maximum first) cost
- * 2-2.5 ns a value; this costs 1.3-1.45 with the min and max the caller takes first
+ * 2-2.5 ns a value; this costs 1.3-1.45 with numpy's min and max before it
  * (docs/bench/binning.md, `python -m bench.binning`). numba compiles the same loop as fast, but
  * importing and loading it costs 0.5 s per process, more than a whole calibration of a small
  * model (bench/onnx_path.py). The numpy path in statistics.py stays as the fallback and as the
@@ -31,14 +31,24 @@
    unless it underflows (a negative v whose v * w rounds to 0 lies in bin -1: `underflow` says the
    exponent is positive, the only case where that can happen), and floor(v * w) - first is exact
    in the data's own precision (either every value is small, or all lie within a factor of two of
-   `first`), so only the final, small index is converted to an integer. Returns -1, with the
-   counts partial, at the first tile holding a value outside the bins. */
+   `first`), so only the final, small index is converted to an integer. Each tile's minimum and
+   maximum are taken in the same pass over it (no separate min() and max() passes over the data).
+   Returns -1, with the counts partial, at the first tile holding a value outside the bins or one
+   that is not finite (v - v is 0 only for finite v); 0 with *lo, *hi set otherwise. */
 #define COUNT_BODY(T)                                                                         \
     int32_t idx[TILE];                                                                        \
     const T first_t = (T)first;                                                               \
+    T least = x[0], most = x[0];                                                              \
     for (Py_ssize_t s = 0; s < n; s += TILE) {                                                \
         const Py_ssize_t m = n - s < TILE ? n - s : TILE;                                     \
         const T *p = x + s;                                                                   \
+        uint32_t outside = 0; /* the caller may not know the range: every tile is checked */  \
+        _Pragma("omp simd reduction(min : least) reduction(max : most) reduction(| : outside)") \
+        for (Py_ssize_t i = 0; i < m; i++) {                                                  \
+            least = p[i] < least ? p[i] : least;                                              \
+            most = p[i] > most ? p[i] : most;                                                 \
+            outside |= (p[i] - p[i]) != 0;                                                    \
+        }                                                                                     \
         if (underflow) {                                                                      \
             for (Py_ssize_t i = 0; i < m; i++) {                                              \
                 const T v = p[i] * w;                                                         \
@@ -47,7 +57,6 @@
         } else {                                                                              \
             for (Py_ssize_t i = 0; i < m; i++) idx[i] = (int32_t)(FLOOR(p[i] * w) - first_t); \
         }                                                                                     \
-        uint32_t outside = 0; /* the caller checks; this keeps a wrong call from writing astray */ \
         for (Py_ssize_t i = 0; i < m; i++) outside |= (uint32_t)idx[i] >= (uint32_t)nbins;   \
         if (outside) return -1;                                                               \
         Py_ssize_t j = 0;                                                                     \
@@ -59,13 +68,14 @@
         }                                                                                     \
         for (; j < m; j++) lane[0][idx[j]]++;                                                 \
     }                                                                                         \
+    *lo = least, *hi = most;                                                                  \
     return 0;
 
 #define FLOOR floorf
-CLONES static int count_f32(const float *x, Py_ssize_t n, float w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins) { COUNT_BODY(float) }
+CLONES static int count_f32(const float *x, Py_ssize_t n, float w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(float) }
 #undef FLOOR
 #define FLOOR floor
-CLONES static int count_f64(const double *x, Py_ssize_t n, double w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins) { COUNT_BODY(double) }
+CLONES static int count_f64(const double *x, Py_ssize_t n, double w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(double) }
 #undef FLOOR
 
 static int is_format(const Py_buffer *b, char code, Py_ssize_t itemsize) {
@@ -74,16 +84,17 @@ static int is_format(const Py_buffer *b, char code, Py_ssize_t itemsize) {
     return b->itemsize == itemsize && f[0] == code && f[1] == 0;
 }
 
-/* count(x, w, first, underflow, counts): add the bin counts of x to `counts`, a C-contiguous
-   int64 array whose index 0 is bin `first`. x: a non-empty, C-contiguous float32 or float64
-   array of finite values that all lie in those bins (the caller knows x's min and max). A value
-   outside them raises ValueError with `counts` partly updated (on x86 a NaN does too; other
-   CPUs may convert it to bin 0: check first). */
+/* count(x, w, first, underflow, counts) -> (min, max) of x, after adding its bin counts to
+   `counts`, a C-contiguous int64 array whose index 0 is bin `first`. x: a non-empty,
+   C-contiguous float32 or float64 array. None if a value of x lies outside those bins or is not
+   finite: `counts` is then partly updated (every tile is checked before it is counted), so a
+   caller that does not know x's range passes a copy. */
 static PyObject *count(PyObject *self, PyObject *args) {
     PyObject *x_obj, *counts_obj;
     double w;
     long long first;
     int underflow, status = -1;
+    double lo = 0, hi = 0;
     Py_buffer x, out;
     if (!PyArg_ParseTuple(args, "OdLpO", &x_obj, &w, &first, &underflow, &counts_obj)) return NULL;
     if (PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
@@ -110,23 +121,20 @@ static PyObject *count(PyObject *self, PyObject *args) {
     int64_t *lane[LANES] = {(int64_t *)out.buf, scratch, scratch + nbins, scratch + 2 * nbins};
     Py_BEGIN_ALLOW_THREADS
     if (f32)
-        status = count_f32((const float *)x.buf, n, (float)w, first, underflow, lane, nbins);
+        status = count_f32((const float *)x.buf, n, (float)w, first, underflow, lane, nbins, &lo, &hi);
     else
-        status = count_f64((const double *)x.buf, n, w, first, underflow, lane, nbins);
+        status = count_f64((const double *)x.buf, n, w, first, underflow, lane, nbins, &lo, &hi);
     for (Py_ssize_t k = 0; status == 0 && k < nbins; k++) lane[0][k] += lane[1][k] + lane[2][k] + lane[3][k];
     Py_END_ALLOW_THREADS
     free(scratch);
     PyBuffer_Release(&x);
     PyBuffer_Release(&out);
-    if (status < 0) {
-        PyErr_SetString(PyExc_ValueError, "count(): a value lies outside the bins of the counts array");
-        return NULL;
-    }
-    Py_RETURN_NONE;
+    if (status < 0) Py_RETURN_NONE;
+    return Py_BuildValue("dd", lo, hi);
 }
 
 static PyMethodDef methods[] = {
-    {"count", count, METH_VARARGS, "count(x, w, first, underflow, counts): add the bin counts of x to counts"},
+    {"count", count, METH_VARARGS, "count(x, w, first, underflow, counts) -> (min, max), or None if x does not fit the bins"},
     {NULL, NULL, 0, NULL},
 };
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_binning", "Histogram binning kernel (see statistics.bin_batch).", -1, methods};

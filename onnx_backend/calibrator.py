@@ -9,7 +9,6 @@ from sample to sample (variable batch, image size, sequence length).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -417,7 +416,7 @@ class Calibrator:
 
     def _update(self, staged: dict[str, TensorStatistics], outputs: list[np.ndarray], where: str) -> None:
         for name, value in zip(self.tensors, outputs):
-            stats = dataclasses.replace(staged[name])  # shares the counts, which update() never writes into
+            stats = staged[name].sharing_counts()
             try:
                 stats.update(value)
             except NonFiniteError:

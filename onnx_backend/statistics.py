@@ -88,15 +88,17 @@ def bin_batch(x: np.ndarray, exponent: int, lo: float | None = None, hi: float |
     if _binning is None:
         return bin_batch_numpy(x, exponent, first, last), first
     counts = np.zeros(last - first + 1, dtype=np.int64)
-    _count_into(counts, x, exponent, first)
+    if _count_into(counts, x, exponent, first) is None:
+        raise ValueError(f"a value of the batch lies outside [{lo}, {hi}], the range it was binned for")
     return counts, first
 
 
-def _count_into(counts: np.ndarray, x: np.ndarray, exponent: int, first: int) -> None:
-    """Add the bin counts of x (every value in the bins of `counts`, whose index 0 is bin
-    `first`) to `counts`, with the compiled kernel."""
+def _count_into(counts: np.ndarray, x: np.ndarray, exponent: int, first: int) -> tuple[float, float] | None:
+    """Add the bin counts of x to `counts` (whose index 0 is bin `first`) with the compiled kernel,
+    and return x's (min, max); None, with `counts` partly updated, if a value of x lies outside
+    those bins or is not finite."""
     native = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))  # what the kernel reads
-    _binning.count(native, math.ldexp(1.0, -exponent), first, exponent > 0, counts)
+    return _binning.count(native, math.ldexp(1.0, -exponent), first, exponent > 0, counts)
 
 
 # Elements binned at a time: the temporaries stay in the cache, 1.7x faster than whole-array
@@ -168,30 +170,35 @@ class TensorStatistics:
         if x.size == 0:
             return
         x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False).ravel()
+        if self._counted_in_current_bins(x):
+            return
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise NonFiniteError("NaN or Inf in calibration data")
-        if self._fits_current_bins(lo, hi):
-            counts = self.counts.copy()  # never written into: see add_counts
-            _count_into(counts, x, self.exponent, self.offset)
-            # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
-            self.counts, self.min, self.max, self.count = counts, min(lo, self.min), max(hi, self.max), self.count + x.size
-            return
         e = required_exponent(min(lo, self.min), max(hi, self.max), self.max_bins)
         counts, first = bin_batch(x, e, lo, hi)
         self.add_counts(lo, hi, x.size, counts, first, e)
 
-    def _fits_current_bins(self, lo: float, hi: float) -> bool:
-        """The common case after the first batches: a batch spanning [lo, hi] lies in the current
-        bins and the wider range requires the current exponent (it almost always does: the range
-        grew within the same end bins), so the first bin stays too and the compiled kernel can
-        count the batch straight into a copy of the counts -- exactly what the general path of
-        `update` gives, without its re-binning."""
+    def _counted_in_current_bins(self, x: np.ndarray) -> bool:
+        """The common case after the first batches, in one pass over x: the batch lies in the
+        current bins and the wider range requires the current exponent (it almost always does: the
+        range grew within the same end bins), so the first bin stays too and the compiled kernel
+        counts the batch straight into a copy of the counts, taking its min and max on the way --
+        exactly what the general path of `update` gives, without its re-binning. False, with
+        nothing changed, otherwise (a value beyond the bins, NaN or Inf: the general path)."""
         if _binning is None or self.empty:
             return False
-        if bin_of(lo, self.exponent) < self.offset or bin_of(hi, self.exponent) >= self.offset + self.counts.size:
+        counts = self.counts.copy()  # never written into: see add_counts
+        extremes = _count_into(counts, x, self.exponent, self.offset)
+        if extremes is None:
             return False
-        return required_exponent(min(lo, self.min), max(hi, self.max), self.max_bins) == self.exponent
+        lo, hi = min(extremes[0], self.min), max(extremes[1], self.max)
+        # A range grown across a power of two may need coarser bins (RESOLUTION_BITS).
+        if (lo, hi) != (self.min, self.max) and required_exponent(lo, hi, self.max_bins) != self.exponent:
+            return False
+        # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
+        self.counts, self.min, self.max, self.count = counts, lo, hi, self.count + x.size
+        return True
 
     def add_counts(self, lo: float, hi: float, n: int, counts: np.ndarray, first: int, exponent: int) -> None:
         """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`.
@@ -218,6 +225,11 @@ class TensorStatistics:
 
     def copy(self) -> TensorStatistics:
         return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts.copy())
+
+    def sharing_counts(self) -> TensorStatistics:
+        """A copy that shares the counts array, which update() never writes into: updating it
+        leaves this object as it is."""
+        return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts)
 
     def folded_abs(self) -> tuple[np.ndarray, float]:
         """Histogram of |x| on bins [k w, (k+1) w), k >= 0, covering [0, max |x|].

@@ -45,7 +45,7 @@ def _state(s: TensorStatistics) -> dict:
 # A second batch 50x wider re-bins the histogram (update's general path); one 50x narrower fits the
 # current bins (the compiled kernel counts it in place).
 SECOND_BATCH_SCALES = pytest.mark.parametrize("scale", [50.0, 0.02], ids=["widens the bins", "fits the bins"])
-HISTOGRAM_UPDATE = [TensorStatistics.update, TensorStatistics._fits_current_bins, statistics._count_into, TensorStatistics.add_counts, TensorStatistics._widened]
+HISTOGRAM_UPDATE = [TensorStatistics.update, TensorStatistics._counted_in_current_bins, statistics._count_into, TensorStatistics.add_counts, TensorStatistics._widened]
 
 
 @SECOND_BATCH_SCALES
