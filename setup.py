@@ -13,7 +13,9 @@ from setuptools import Extension, setup
 
 setup(
     ext_modules=[
-        Extension("onnx_backend._binning", ["onnx_backend/_binning.c"], extra_compile_args=["-O3", "-fopenmp-simd"], optional=True),
+        # -fno-trapping-math: float-to-int conversions may be vectorized (2.2x faster binning; the
+        # kernel checks every value's bin itself and raises no floating-point exceptions).
+        Extension("onnx_backend._binning", ["onnx_backend/_binning.c"], extra_compile_args=["-O3", "-fopenmp-simd", "-fno-trapping-math"], optional=True),
         # -ffp-contract=off: no fused multiply-adds, so the noise grid gives numpy's doubles;
         # -fopenmp-simd: the `omp simd` reduction may be vectorized (no OpenMP runtime).
         Extension("onnx_backend._search", ["onnx_backend/_search.c"], extra_compile_args=["-O3", "-ffp-contract=off", "-fopenmp-simd"], optional=True),

