@@ -8,14 +8,11 @@ from sample to sample (variable batch, image size, sequence length).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import reprlib
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
@@ -194,32 +191,6 @@ def _progress(iterable, desc: str, quiet: bool | None):
     return tqdm(iterable, desc=desc, total=total, disable=quiet, unit="sample", leave=False)
 
 
-# Above this size the calibration session reads the model from a temporary file: onnxruntime
-# then does not need the serialized bytes in memory beside its own copy (ConvNeXt-B: peak RSS
-# 2.67 -> 2.2 GiB; bench/scale.py).
-SESSION_FROM_FILE_BYTES = 256 << 20
-
-
-@contextlib.contextmanager
-def _for_onnxruntime(model: onnx.ModelProto):
-    """The model as onnxruntime should read it: bytes, or a temporary file for large models."""
-    if model_io.approximate_model_bytes(model) < SESSION_FROM_FILE_BYTES:
-        yield model.SerializeToString()
-        return
-    folder = tempfile.mkdtemp(prefix="torchq-calibration-")
-    try:
-        path = os.path.join(folder, "model.onnx")
-        try:
-            with open(path, "wb") as f:
-                f.write(model.SerializeToString())
-        except OSError:  # no room for it: the bytes in memory, as for small models
-            yield model.SerializeToString()
-            return
-        yield path
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 class Calibrator:
     """Collects the values of tensors in an ONNX model and computes their ranges.
 
@@ -259,24 +230,19 @@ class Calibrator:
         self._activations_per_input_byte: float | None = None
 
     def _make_session(self, providers: Sequence[str]) -> ort.InferenceSession:
-        # The tensors become extra graph outputs only while the model is serialized: a copy of the
-        # model to add them to would hold its weights once more.
-        outputs = self.model.graph.output
-        kept = len(outputs)
-        names = {o.name for o in outputs}
-        try:
-            for name in self.tensors:
-                if name not in names:
-                    outputs.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-            with _for_onnxruntime(self.model) as source:
-                session = self._session_for(source, providers)
-        finally:
-            del outputs[kept:]
+        """A session on the model with every tensor to calibrate as an extra output, built from the
+        model's skeleton and its weights as arrays (model_io.split_weights): the model itself is
+        neither changed nor serialized whole."""
+        skeleton, weights = model_io.split_weights(self.model)
+        outputs = {o.name for o in skeleton.graph.output}
+        skeleton.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in self.tensors if name not in outputs)
+        session = self._session_for(skeleton.SerializeToString(), weights, providers)
+        self._weights = weights  # onnxruntime may read them for as long as the session lives
         self._input_meta = {i.name: i for i in session.get_inputs()}
         return session
 
     @staticmethod
-    def _session_for(source: bytes | str, providers: Sequence[str]) -> ort.InferenceSession:
+    def _session_for(source: bytes, weights: Mapping[str, np.ndarray], providers: Sequence[str]) -> ort.InferenceSession:
         """All of onnxruntime's graph optimizations (its fusions keep every graph output, so every
         exposed tensor, and its x86 conv layouts make the runs 1.5x faster: digits_resnet 0.26 ->
         0.16 s), or basic ones where a full optimization fails on a model."""
@@ -285,6 +251,8 @@ class Calibrator:
         # onnxruntime computes the next (see _fold): 1.2-1.5x faster on the bench's models.
         options.intra_op_num_threads = max(1, cpus() - 1)
         options.log_severity_level = 4  # errors reach the user as one CalibrationError line, not as a log
+        if weights:
+            options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
         for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
             options.graph_optimization_level = level
             try:

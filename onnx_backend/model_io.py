@@ -14,10 +14,12 @@ import heapq
 import math
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, version_converter
 
@@ -258,8 +260,13 @@ def approximate_model_bytes(model: onnx.ModelProto) -> int:
 INFERENCE_DATA_LIMIT = 1 << 16
 
 
-def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """`proto` without the data of its large initializers (dims and type kept, marked external)."""
+def _is_large(t: TensorProto) -> bool:
+    return t.data_location != TensorProto.EXTERNAL and tensor_data_bytes(t) > INFERENCE_DATA_LIMIT
+
+
+def _skeleton(proto: onnx.ModelProto, stubbed: Callable[[TensorProto], bool] = _is_large) -> onnx.ModelProto:
+    """`proto` without the data of the main graph's `stubbed` initializers (dims and type kept,
+    marked external)."""
     skeleton = onnx.ModelProto()
     graph = proto.graph
     kept_graph = onnx.GraphProto()
@@ -267,12 +274,12 @@ def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     for field in ("node", "input", "output", "value_info", "sparse_initializer"):
         getattr(kept_graph, field).extend(getattr(graph, field))
     for t in graph.initializer:
-        if t.data_location != TensorProto.EXTERNAL and tensor_data_bytes(t) > INFERENCE_DATA_LIMIT:
+        if stubbed(t):
             stub = kept_graph.initializer.add()
             stub.name, stub.data_type = t.name, t.data_type
             stub.dims.extend(t.dims)
             stub.data_location = TensorProto.EXTERNAL
-            stub.external_data.add(key="location", value="torchq-shape-inference-stub")
+            stub.external_data.add(key="location", value="torchq-stub")
         else:
             kept_graph.initializer.append(t)
     for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version"):
@@ -281,6 +288,47 @@ def _skeleton(proto: onnx.ModelProto) -> onnx.ModelProto:
     skeleton.functions.extend(proto.functions)
     skeleton.graph.CopyFrom(kept_graph)
     return skeleton
+
+
+# Data types whose raw bytes numpy (and onnxruntime's OrtValue) read as they are.
+_PLAIN_DTYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.INT8, TensorProto.UINT8, TensorProto.INT16, TensorProto.UINT16, TensorProto.INT32, TensorProto.UINT32, TensorProto.INT64, TensorProto.UINT64, TensorProto.BOOL}
+
+
+def _held_in_memory(t: TensorProto) -> bool:
+    """A large initializer whose raw little-endian bytes this machine reads as a numpy array."""
+    return sys.byteorder == "little" and t.data_type in _PLAIN_DTYPES and t.HasField("raw_data") and _is_large(t)
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Names the graph's nodes read (subgraphs included) and its outputs."""
+    read = {o.name for o in graph.output}
+    for node in graph.node:
+        read.update(node.input)
+        for a in node.attribute:
+            for g in [a.g] if a.HasField("g") else a.graphs:
+                read |= _names_read(g)
+    return read
+
+
+def split_weights(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The skeleton of `proto` (a model load_model checked; its large initializers stubbed) and
+    their data as read-only arrays.
+
+    onnxruntime builds a session from the two (SessionOptions.add_external_initializers) without
+    the whole model serialized and parsed back: MiniLM's calibration session 0.33 -> 0.17 s, and
+    no serialized copy of the weights in memory. `proto` is not changed.
+    """
+    read = _names_read(proto.graph)
+    # onnxruntime drops unread initializers before it takes the arrays, then fails to find them.
+    moved = lambda t: t.name in read and _held_in_memory(t)  # noqa: E731
+    skeleton = _skeleton(proto, moved)
+    weights = {}
+    for t in proto.graph.initializer:
+        if moved(t):
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).newbyteorder("<")
+            # raw_data is a copy (protobuf hands out bytes, never a view), of the size load_model checked.
+            weights[t.name] = np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+    return skeleton, weights
 
 
 def infer_shapes(proto: onnx.ModelProto, *, data_prop: bool = False) -> onnx.ModelProto:

@@ -486,25 +486,60 @@ def test_shape_inference_on_a_skeleton_matches_onnx():
     assert len(merged.graph.value_info) == len(full.graph.value_info)
 
 
-def test_calibrator_session_from_a_file_gives_the_same_ranges(monkeypatch):
-    # Large models reach onnxruntime through a temporary file (no serialized bytes beside its
-    # copy); the extra outputs are added only while serializing, and the model is shared with
-    # copy_model=False.
-    import tempfile
-
-    from onnx_backend import Calibrator, calibrator
+def test_calibrator_session_takes_the_weights_as_arrays(monkeypatch):
+    # The session is built from the model's skeleton plus its weights as arrays (no serialized
+    # copy of the whole model); the extra outputs go on the skeleton, and a model shared with
+    # copy_model=False is left as it was.
+    from onnx_backend import Calibrator, model_io
 
     model = _base().base_model()
+    before = model.SerializeToString(deterministic=True)
     samples = [[x[None]] for x in _base().calibration_arrays(3)]
+    monkeypatch.setattr(model_io, "_held_in_memory", lambda t: False)  # the whole model serialized
     reference = Calibrator(model, "mse_asym", quiet=True)
+    assert reference._weights == {}
     reference.collect_data(samples)
-    monkeypatch.setattr(calibrator, "SESSION_FROM_FILE_BYTES", 0)
-    before = set(__import__("os").listdir(tempfile.gettempdir()))
+    monkeypatch.undo()
+    monkeypatch.setattr(model_io, "INFERENCE_DATA_LIMIT", 0)  # every initializer as an array
     shared = Calibrator(model, "mse_asym", quiet=True, copy_model=False)
-    assert shared.model is model and [o.name for o in model.graph.output] == ["y"]
-    assert set(__import__("os").listdir(tempfile.gettempdir())) == before  # the temporary file is gone
+    assert set(shared._weights) == {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     shared.collect_data(samples)
+    assert shared.model is model and model.SerializeToString(deterministic=True) == before
     assert shared.compute_range() == reference.compute_range()
+
+
+def test_split_weights_gives_onnxruntime_the_same_model():
+    import onnxruntime as ort
+
+    from onnx_backend import model_io
+
+    model = _base().base_model()
+    # Large initializers: two read by a node (one of them int64), one read by none (onnxruntime
+    # drops those before taking the arrays, then fails to find it: it stays in the skeleton).
+    model.graph.initializer.append(numpy_helper.from_array(np.full(300 * 300, 0.5, dtype=np.float32), "big"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([-1, 300 * 300], dtype=np.int64).repeat(10_000), "big_int"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(300 * 300, dtype=np.float32), "unread"))
+    y = model.graph.output[0].name
+    model.graph.node.extend([
+        onnx.helper.make_node("ReduceMax", ["big"], ["big_max"], keepdims=0),
+        onnx.helper.make_node("ReduceMax", ["big_int"], ["big_int_max"], keepdims=0),
+        onnx.helper.make_node("Cast", ["big_int_max"], ["big_int_maxf"], to=onnx.TensorProto.FLOAT),
+        onnx.helper.make_node("Add", ["big_max", "big_int_maxf"], ["offset"]),
+        onnx.helper.make_node("Add", [y, "offset"], ["y_offset"]),
+    ])
+    model.graph.output[0].name = "y_offset"
+    before = model.SerializeToString(deterministic=True)
+    skeleton, weights = model_io.split_weights(model)
+    assert sorted(weights) == ["big", "big_int"]  # the large ones read; small ones stay in the skeleton
+    for name, value in weights.items():
+        np.testing.assert_array_equal(value, numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name)))
+    assert skeleton.ByteSize() < 2 * 300 * 300 * 4 and model.SerializeToString(deterministic=True) == before
+    options = ort.SessionOptions()
+    options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
+    x = _base().calibration_arrays(1)[0][None]
+    (got,) = ort.InferenceSession(skeleton.SerializeToString(), options).run(None, {"x": x})
+    (want,) = ort.InferenceSession(before).run(None, {"x": x})
+    np.testing.assert_array_equal(got, want)
 
 
 def test_consumed_input_gives_the_same_model():
