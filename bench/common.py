@@ -28,12 +28,13 @@ class Settings:
     quick: bool = False
     latency_runs: int = 200  # timed runs per latency measurement (median reported)
     latency_budget_s: float = 2.0  # ... or fewer, when this much time is spent
+    calibration_runs: int = 3  # timed calibrations per tool and model (median reported)
     cache: Path = CACHE
 
     @classmethod
     def make(cls, quick: bool) -> Settings:
         if quick:
-            return cls(quick=True, latency_runs=5, latency_budget_s=0.2, cache=CACHE / "quick")
+            return cls(quick=True, latency_runs=5, latency_budget_s=0.2, calibration_runs=1, cache=CACHE / "quick")
         return cls()
 
 
