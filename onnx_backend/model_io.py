@@ -37,12 +37,13 @@ def default_opset(model: onnx.ModelProto) -> int:
     return 0
 
 
-def load_model(model: onnx.ModelProto | bytes | str | os.PathLike, *, copy: bool = True) -> onnx.ModelProto:
-    """Load and sanity-check a model from a path, bytes or a ModelProto (which is copied, unless
-    `copy=False`: then it is checked, sorted if need be, and returned itself)."""
+def load_model(model: onnx.ModelProto | bytes | str | os.PathLike, *, copy: bool | None = True) -> onnx.ModelProto:
+    """Load and sanity-check a model from a path, bytes or a ModelProto, which is copied, unless
+    `copy=False`: then it is checked, sorted if need be, and returned itself; `copy=None` (for a
+    caller that only reads the model): returned itself, or a copy if its nodes must be sorted."""
     if isinstance(model, onnx.ModelProto):
         proto = model
-        if copy:
+        if copy or (copy is None and not _is_sorted(model.graph)):
             proto = onnx.ModelProto()
             proto.CopyFrom(model)
         where = "the given ModelProto"
@@ -182,13 +183,22 @@ def _check_initializers(graph: onnx.GraphProto, where: str) -> None:
             raise InvalidModelError(f"{where}: initializer {t.name!r} declares {kind} of shape {list(t.dims)} ({want} {unit}) but holds {have}")
 
 
+def _dependencies(graph: onnx.GraphProto) -> list[set[int]]:
+    """For each node, the indices of the nodes that produce its inputs."""
+    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
+    return [{producer[x] for x in n.input if x in producer} for n in graph.node]
+
+
+def _is_sorted(graph: onnx.GraphProto) -> bool:
+    return all(d < i for i, ds in enumerate(_dependencies(graph)) for d in ds)
+
+
 def _sort_topologically(graph: onnx.GraphProto) -> None:
     """Put the nodes in topological order (ONNX requires it; shape inference and the optimizer
     assume it), keeping the given order where it already is one. The graph is known acyclic."""
-    producer = {out: i for i, n in enumerate(graph.node) for out in n.output if out}
-    deps = [{producer[x] for x in n.input if x in producer} for n in graph.node]
-    if all(d < i for i, ds in enumerate(deps) for d in ds):
+    if _is_sorted(graph):
         return
+    deps = _dependencies(graph)
     users: list[list[int]] = [[] for _ in graph.node]
     for i, ds in enumerate(deps):
         for d in ds:

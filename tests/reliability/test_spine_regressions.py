@@ -241,6 +241,11 @@ def test_unsorted_graph_is_sorted_on_load():
         assert all(i in seen for i in n.input)
         seen.update(n.output)
     assert_valid(quantize(m, _attention_ranges()))
+    # A caller that only reads the model (the Calibrator) gets it itself, or a sorted copy: the
+    # user's unsorted model is not sorted in place.
+    before = m.SerializeToString(deterministic=True)
+    assert load_model(m, copy=None) is not m and m.SerializeToString(deterministic=True) == before
+    assert load_model(loaded, copy=None) is loaded
 
 
 def test_names_that_are_not_utf8_are_refused():
@@ -488,24 +493,28 @@ def test_shape_inference_on_a_skeleton_matches_onnx():
 
 def test_calibrator_session_takes_the_weights_as_arrays(monkeypatch):
     # The session is built from the model's skeleton plus its weights as arrays (no serialized
-    # copy of the whole model); the extra outputs go on the skeleton, and a model shared with
-    # copy_model=False is left as it was.
+    # copy of the whole model); the extra outputs go on the skeleton, and the model, which the
+    # Calibrator keeps without copying it, is left as it was.
     from onnx_backend import Calibrator, model_io
 
     model = _base().base_model()
     before = model.SerializeToString(deterministic=True)
     samples = [[x[None]] for x in _base().calibration_arrays(3)]
+    split = model_io.split_weights
+    handed = []
+    monkeypatch.setattr(model_io, "split_weights", lambda m: handed.append(split(m)) or handed[-1])
     monkeypatch.setattr(model_io, "_held_in_memory", lambda t: False)  # the whole model serialized
     reference = Calibrator(model, "mse_asym", quiet=True)
-    assert reference._weights == {}
     reference.collect_data(samples)
     monkeypatch.undo()
+    monkeypatch.setattr(model_io, "split_weights", lambda m: handed.append(split(m)) or handed[-1])
     monkeypatch.setattr(model_io, "INFERENCE_DATA_LIMIT", 0)  # every initializer as an array
-    shared = Calibrator(model, "mse_asym", quiet=True, copy_model=False)
-    assert set(shared._weights) == {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    shared = Calibrator(model, "mse_asym", quiet=True)
+    assert handed[0][1] == {} and set(handed[1][1]) == {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     shared.collect_data(samples)
     assert shared.model is model and model.SerializeToString(deterministic=True) == before
     assert shared.compute_range() == reference.compute_range()
+    assert Calibrator(model, "mse_asym", quiet=True, copy_model=True).model is not model
 
 
 def test_split_weights_gives_onnxruntime_the_same_model():

@@ -19,7 +19,7 @@ def register(sub) -> None:
 
 def calibrate_file(args):
     model = optimize_model(args.model)
-    calibrator = Calibrator(model, args.method, percentage=args.percentile, quiet=args.quiet or None, copy_model=False)
+    calibrator = Calibrator(model, args.method, percentage=args.percentile, quiet=args.quiet or None)
     calibrator.collect_data(iter_samples(args.data, get_pure_input_names(model), args.batch_size, args.max_samples))
     return model, calibrator.compute_range(), calibrator.samples
 
