@@ -23,39 +23,47 @@
 
 #define MAX_LEVELS 4096 /* groups per window, at most (range_selection uses 128 or 256) */
 
-/* log(x) for normal, finite x > 0, to within 2 ulp: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
-   log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, by its series to s^23. Branch-free
-   and without int<->double conversions, so the compiler vectorizes the loops it is in (libm's
-   log is a call per value, numpy's SIMD log a pass per array). */
+/* log(x) for normal, finite x > 0, to within about 1e-16 (absolute, |log x| < 2; relative
+   beyond): x = m 2^e with m in [1, 2); m's top 7 bits pick a centre c of 128 in [1, 2), with
+   log(c) and 1/c from a table (filled by libm at import); log(m) = log(c) + log1p(r),
+   r = (m - c) / c with |r| <= 2^-8 (m - c is exact), by its series to r^6. No division and no
+   int<->double conversion, so the compiler vectorizes the loops it is in (libm's log is a call
+   per value, numpy's SIMD log a pass per array). */
+#define LOG_TABLE_BITS 7
+static double log_centre[1 << LOG_TABLE_BITS], inverse_centre[1 << LOG_TABLE_BITS];
+
+static void fill_log_table(void) {
+    for (int i = 0; i < (1 << LOG_TABLE_BITS); i++) {
+        const double c = 1.0 + (i + 0.5) / (1 << LOG_TABLE_BITS);
+        log_centre[i] = log(c);
+        inverse_centre[i] = 1.0 / c;
+    }
+}
+
 static inline double log_normal(double x) {
-    uint64_t bits, mbits;
+    uint64_t bits, mbits, ebits;
     memcpy(&bits, &x, sizeof bits);
     /* e as a double without a conversion instruction: 2^52 + biased exponent, minus 2^52 + 1023 */
-    uint64_t ebits = (bits >> 52) | 0x4330000000000000ULL;
-    double e;
+    ebits = (bits >> 52) | 0x4330000000000000ULL;
+    double e, m;
     memcpy(&e, &ebits, sizeof e);
     e -= 4503599627370496.0 + 1023.0;
     mbits = (bits & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL; /* m in [1, 2) */
-    double m;
     memcpy(&m, &mbits, sizeof m);
-    const int big = m > 1.4142135623730951;
-    m = big ? 0.5 * m : m;
-    e = big ? e + 1.0 : e;
-    const double s = (m - 1.0) / (m + 1.0), z = s * s;
-    double p = 1.0 / 23;
-    p = p * z + 1.0 / 21;
-    p = p * z + 1.0 / 19;
-    p = p * z + 1.0 / 17;
-    p = p * z + 1.0 / 15;
-    p = p * z + 1.0 / 13;
-    p = p * z + 1.0 / 11;
-    p = p * z + 1.0 / 9;
-    p = p * z + 1.0 / 7;
-    p = p * z + 1.0 / 5;
-    p = p * z + 1.0 / 3;
-    p = p * z + 1.0;
+    const uint64_t i = (bits >> (52 - LOG_TABLE_BITS)) & ((1 << LOG_TABLE_BITS) - 1);
+    /* c: m with the bits below the top 7 replaced by a half step (1, then zeros) */
+    const uint64_t low = (1ULL << (52 - LOG_TABLE_BITS)) - 1, cbits = (mbits & ~low) | (1ULL << (51 - LOG_TABLE_BITS));
+    double c;
+    memcpy(&c, &cbits, sizeof c);
+    const double r = (m - c) * inverse_centre[i];
+    double p = -1.0 / 6;
+    p = p * r + 1.0 / 5;
+    p = p * r - 1.0 / 4;
+    p = p * r + 1.0 / 3;
+    p = p * r - 1.0 / 2;
+    p = p * r + 1.0;
     const double ln2_hi = 6.93147180369123816490e-01, ln2_lo = 1.90821492927058770002e-10;
-    return e * ln2_hi + (e * ln2_lo + 2.0 * s * p);
+    return e * ln2_hi + (log_centre[i] + (e * ln2_lo + r * p));
 }
 
 static inline double xlogx(double v) { return v > 0 ? v * log(v) : 0.0; }
@@ -220,4 +228,7 @@ static PyMethodDef methods[] = {
     {NULL, NULL, 0, NULL},
 };
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_search", "Range-search kernels (see range_selection).", -1, methods};
-PyMODINIT_FUNC PyInit__search(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__search(void) {
+    fill_log_table();
+    return PyModule_Create(&module);
+}

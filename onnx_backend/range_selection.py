@@ -220,10 +220,11 @@ def _entropy_one_sided(counts: np.ndarray, width: float, levels: int, **_) -> fl
     n = counts.size
     if n <= levels:
         return n * width
+    sums = _PrefixSums.of(counts)
     a, b = levels, n  # windows [0, end), coarse to fine as in _zoom_search
     while True:
         ends = np.unique(np.linspace(a, b, min(b - a + 1, 64 * ZOOM_GRID)).round().astype(np.int64))
-        kl = _kl_windows(counts, np.zeros_like(ends), ends, levels)
+        kl = _kl_windows(sums, np.zeros_like(ends), ends, levels)
         best = int(ends[int(np.argmin(kl))])
         step = int(np.max(np.diff(ends), initial=1))
         if step <= 1:
@@ -328,11 +329,12 @@ def _zoom_search(counts: np.ndarray, lo_span: tuple[int, int], hi_span: tuple[in
     edges, then the same grid again around the best, two grid steps wide, until steps are one bin.
     Costs O(rounds * ZOOM_GRID^2 * levels) instead of O(bins^2 * levels)."""
     (lo_a, lo_b), (hi_a, hi_b) = lo_span, hi_span
+    sums = _PrefixSums.of(counts)
     best = None
     while True:
         lo_idx = np.unique(np.linspace(lo_a, lo_b, min(lo_b - lo_a + 1, ZOOM_GRID)).round().astype(np.int64))
         hi_idx = np.unique(np.linspace(hi_a, hi_b, min(hi_b - hi_a + 1, ZOOM_GRID)).round().astype(np.int64))
-        best = _best_window(counts, lo_idx, hi_idx, fallback=best)
+        best = _best_window(sums, lo_idx, hi_idx, fallback=best)
         step_lo = int(np.max(np.diff(lo_idx), initial=1))
         step_hi = int(np.max(np.diff(hi_idx), initial=1))
         if step_lo <= 1 and step_hi <= 1:
@@ -341,14 +343,14 @@ def _zoom_search(counts: np.ndarray, lo_span: tuple[int, int], hi_span: tuple[in
         hi_a, hi_b = max(hi_span[0], best[1] - step_hi), min(hi_span[1], best[1] + step_hi)
 
 
-def _best_window(counts, lo_idx, hi_idx, fallback=None) -> tuple[int, int]:
+def _best_window(sums: _PrefixSums, lo_idx, hi_idx, fallback=None) -> tuple[int, int]:
     a, b = np.meshgrid(lo_idx, hi_idx, indexing="ij")
     a, b = a.ravel(), b.ravel()
     ok = (b - a) >= LEVELS
     if not ok.any():
         return fallback if fallback is not None else (int(lo_idx[0]), int(hi_idx[-1]))
     a, b = a[ok], b[ok]
-    kl = _kl_windows(counts, a, b, LEVELS)
+    kl = _kl_windows(sums, a, b, LEVELS)
     k = int(np.argmin(kl))
     return int(a[k]), int(b[k])
 
@@ -358,7 +360,7 @@ def _xlogx(v: np.ndarray) -> np.ndarray:
     return np.where(v > 0, v * np.log(np.where(v > 0, v, 1.0)), 0.0)
 
 
-def _kl_windows(counts: np.ndarray, starts: np.ndarray, ends: np.ndarray, levels: int) -> np.ndarray:
+def _kl_windows(sums: _PrefixSums, starts: np.ndarray, ends: np.ndarray, levels: int) -> np.ndarray:
     """KL(P || Q) for each window [start, end) of bins, vectorised (TensorRT's definition).
 
     P: the window's counts with the mass below and above folded into its first and last bin,
@@ -369,20 +371,13 @@ def _kl_windows(counts: np.ndarray, starts: np.ndarray, ends: np.ndarray, levels
         KL = (1/N) [ sum_i c'_i log c'_i  -  sum_j C'_j log(M_j / n_j) ]  -  log N  +  log W
 
     with C'_j the folded mass of group j. A group whose M_j is 0 while P has mass there (only
-    folded outliers) is smoothed to half a count.
+    folded outliers) is smoothed to half a count. `sums`: the histogram's _PrefixSums.
     """
-    c = counts.astype(np.float64)
-    sums = _PrefixSums(
-        c=c,
-        C=np.concatenate([[0.0], np.cumsum(c)]),
-        PL=np.concatenate([[0.0], np.cumsum(_xlogx(c))]),
-        NZ=np.concatenate([[0.0], np.cumsum(c > 0, dtype=np.float64)]),
-    )
     starts, ends = starts.astype(np.int64), ends.astype(np.int64)
     if _search is None or levels & (levels - 1):  # the kernel takes powers of two
         return _kl_windows_numpy(sums, starts, ends, levels)
     out = np.empty(starts.size)
-    _search.kl_windows(c, sums.C, sums.PL, sums.NZ, starts, ends, levels, out)
+    _search.kl_windows(sums.c, sums.C, sums.PL, sums.NZ, starts, ends, levels, out)
     return out
 
 
@@ -403,6 +398,12 @@ class _PrefixSums:
     C: np.ndarray  # cumulative counts, C[i] = sum(c[:i])
     PL: np.ndarray  # cumulative c log c
     NZ: np.ndarray  # cumulative number of non-zero bins
+
+    @classmethod
+    def of(cls, counts: np.ndarray) -> _PrefixSums:
+        c = counts.astype(np.float64)
+        zero = np.zeros(1)
+        return cls(c=c, C=np.concatenate([zero, np.cumsum(c)]), PL=np.concatenate([zero, np.cumsum(_xlogx(c))]), NZ=np.concatenate([zero, np.cumsum(c > 0, dtype=np.float64)]))
 
 
 def _kl_block(sums: _PrefixSums, starts: np.ndarray, ends: np.ndarray, levels: int) -> np.ndarray:

@@ -15,12 +15,6 @@ def test_compiled_search_kernels_are_built():
     assert rs._search is not None
 
 
-def _prefix_sums(counts: np.ndarray) -> rs._PrefixSums:
-    c = counts.astype(np.float64)
-    zero = np.zeros(1)
-    return rs._PrefixSums(c=c, C=np.concatenate([zero, np.cumsum(c)]), PL=np.concatenate([zero, np.cumsum(rs._xlogx(c))]), NZ=np.concatenate([zero, np.cumsum(c > 0, dtype=np.float64)]))
-
-
 def _histogram(rng, n: int, split: bool) -> np.ndarray:
     """Gamma-shaped counts with runs of empty bins; `split`: fractional counts, as after
     range_selection._split_bins."""
@@ -43,7 +37,7 @@ def _windows(rng, n: int, levels: int, count: int) -> tuple[np.ndarray, np.ndarr
 def test_kl_kernel_agrees_with_numpy(rng, levels, split):
     for n in (levels + 9, 3001, 20_000):
         counts = _histogram(rng, n, split)
-        sums = _prefix_sums(counts)
+        sums = rs._PrefixSums.of(counts)
         starts, ends = _windows(rng, n, levels, 500)
         want = rs._kl_windows_numpy(sums, starts, ends, levels)
         got = np.empty(starts.size)
@@ -84,7 +78,7 @@ def test_ranges_are_the_same_without_the_kernels(rng, method, symmetric, monkeyp
 
 @needs_kernels
 def test_kernels_refuse_bad_arguments():
-    sums = _prefix_sums(np.ones(300))
+    sums = rs._PrefixSums.of(np.ones(300))
     out = np.empty(1)
     one = lambda v: np.array([v], dtype=np.int64)  # noqa: E731 - one window's start or end
     kl = lambda start, end, levels=128, o=out: rs._search.kl_windows(sums.c, sums.C, sums.PL, sums.NZ, one(start), one(end), levels, o)  # noqa: E731
