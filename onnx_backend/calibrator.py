@@ -185,6 +185,25 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# Ops whose output holds exactly the values of their first input, rearranged: the same histogram.
+VALUE_PRESERVING_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
+def value_aliases(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, str]:
+    """{tensor: the tensor whose values it holds} for the `tensors` that a chain of
+    VALUE_PRESERVING_OPS makes from another of the `tensors` (nodes in graph order). The
+    Calibrator observes only the latter and gives the former the same statistics: a quarter of
+    a transformer's activations (its heads' reshapes and transposes) not copied out of
+    onnxruntime nor binned again."""
+    observed, aliases = set(tensors), {}
+    for node in model.graph.node:
+        if node.op_type in VALUE_PRESERVING_OPS and node.domain in ("", "ai.onnx") and node.input and node.input[0] in observed:
+            for out in node.output[:1]:
+                if out in observed:
+                    aliases[out] = aliases.get(node.input[0], node.input[0])
+    return aliases
+
+
 def _progress(iterable, desc: str, quiet: bool | None):
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     total = len(iterable) if hasattr(iterable, "__len__") else None
@@ -225,6 +244,8 @@ class Calibrator:
         if not self.tensors:
             raise InvalidModelError("the model has no float32 activations to calibrate")
         self.statistics: dict[str, TensorStatistics] = {t: TensorStatistics(histogram_bins) for t in self.tensors}
+        self._aliases = value_aliases(self.model, self.tensors)
+        self._observed = [t for t in self.tensors if t not in self._aliases]  # what onnxruntime hands out
         self.samples = 0
         self._session = self._make_session(providers)
         self._batchable = batch_samples and all(len(m.shape) > 0 and not isinstance(m.shape[0], int) for m in self._input_meta.values())
@@ -236,7 +257,7 @@ class Calibrator:
         neither changed nor serialized whole."""
         skeleton, weights = model_io.split_weights(self.model)
         outputs = {o.name for o in skeleton.graph.output}
-        skeleton.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in self.tensors if name not in outputs)
+        skeleton.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in self._observed if name not in outputs)
         # onnxruntime copies the arrays into the session: they go when this returns.
         session = self._session_for(skeleton.SerializeToString(), weights, providers)
         self._input_meta = {i.name: i for i in session.get_inputs()}
@@ -362,7 +383,7 @@ class Calibrator:
         runs = self._runs(pending)
         with ThreadPoolExecutor(max_workers=1) as pool:
             feeds = next(runs)
-            future = pool.submit(self._session.run, self.tensors, feeds)
+            future = pool.submit(self._session.run, self._observed, feeds)
             while future is not None:
                 try:
                     outputs = future.result()
@@ -374,17 +395,19 @@ class Calibrator:
                 feeds = next(runs, None)  # sized by the activations just measured
                 future = None
                 if feeds is not None and produced <= OVERLAP_MAX_BYTES:
-                    future = pool.submit(self._session.run, self.tensors, feeds)  # runs while these are binned
+                    future = pool.submit(self._session.run, self._observed, feeds)  # runs while these are binned
                 self._update(staged, outputs, where)
                 del outputs
                 if feeds is not None and future is None:
-                    future = pool.submit(self._session.run, self.tensors, feeds)
+                    future = pool.submit(self._session.run, self._observed, feeds)
+        for alias, source in self._aliases.items():
+            staged[alias] = staged[source]  # shared: updates replace statistics, never change them
         # One statement, no call in it: an interrupt (Ctrl-C) leaves every tensor with these
         # samples or none with them, and `samples` counting exactly the samples folded in.
         self.statistics, self.samples = staged, self.samples + len(pending)
 
     def _update(self, staged: dict[str, TensorStatistics], outputs: list[np.ndarray], where: str) -> None:
-        for name, value in zip(self.tensors, outputs):
+        for name, value in zip(self._observed, outputs):
             stats = staged[name].sharing_counts()
             try:
                 stats.update(value)
@@ -397,8 +420,10 @@ class Calibrator:
             raise CalibrationError("no calibration data collected; call collect_data first")
         method = self.calibration_method
         observed = [name for name, stats in self.statistics.items() if not stats.empty]
-        chosen = map_range_searches(lambda name: select_range(self.statistics[name], method.method, method.symmetric, percentile=self.percentage), observed, lambda _: (method.method, method.symmetric))
-        ranges = dict(zip(observed, chosen))
+        searched = [name for name in observed if name not in self._aliases]  # an alias's range is its source's
+        chosen = map_range_searches(lambda name: select_range(self.statistics[name], method.method, method.symmetric, percentile=self.percentage), searched, lambda _: (method.method, method.symmetric))
+        ranges = dict(zip(searched, chosen))
+        ranges = {name: ranges[self._aliases.get(name, name)] for name in observed}
         if verbose:
             for name, (lo, hi) in ranges.items():
                 print(f"{name}: [{lo:.6g}, {hi:.6g}]")

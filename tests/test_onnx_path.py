@@ -185,7 +185,7 @@ def test_stacking_and_cutting_runs_leaves_the_statistics_unchanged(monkeypatch, 
     one_per_sample.collect_data(data)
 
     calibrator = Calibrator(model, quiet=True)
-    per_row = sum(o.nbytes for o in calibrator._session.run(calibrator.tensors, {"x": data[0][0]}))
+    per_row = sum(o.nbytes for o in calibrator._session.run(calibrator._observed, {"x": data[0][0]}))
     monkeypatch.setattr(calibrator_module, "RUN_BYTES", 3 * per_row)  # three 16x16 rows per run
     runs = []
     run = calibrator._session.run
@@ -197,6 +197,29 @@ def test_stacking_and_cutting_runs_leaves_the_statistics_unchanged(monkeypatch, 
     assert runs == [1, 3, 3, 3, 3, 3, 2], runs
     for name, stats in one_per_sample.statistics.items():
         assert calibrator.statistics[name].to_dict() == stats.to_dict(), name
+
+
+@pytest.mark.parametrize("name", ["transformer_block", "torch_encoder_layer", "flatten_linear"])
+def test_reshapes_and_transposes_share_their_sources_statistics(monkeypatch, name):
+    """Tensors a Reshape/Transpose/... makes from another hold its values: the Calibrator does not
+    have onnxruntime hand them out nor bins them again, and gives them the same statistics and
+    ranges as observing them would."""
+    import onnx_backend.calibrator as calibrator_module
+
+    entry = ZOO[name]
+    model = float_export(entry)
+    data = samples(entry, 4)
+    shared = Calibrator(model, CalibrationMethod.ENTROPY_ASYM, quiet=True)
+    assert shared._aliases and not set(shared._aliases) & set(shared._observed)
+    assert {n.op_type for n in model.graph.node if n.output[0] in shared._aliases} <= calibrator_module.VALUE_PRESERVING_OPS
+    shared.collect_data(data)
+    monkeypatch.setattr(calibrator_module, "VALUE_PRESERVING_OPS", frozenset())
+    every = Calibrator(model, CalibrationMethod.ENTROPY_ASYM, quiet=True)
+    assert every._aliases == {} and every._observed == every.tensors == shared.tensors
+    every.collect_data(data)
+    for tensor, stats in every.statistics.items():
+        assert shared.statistics[tensor].to_dict() == stats.to_dict(), tensor
+    assert shared.compute_range() == every.compute_range()
 
 
 def test_several_inputs_and_outputs():
