@@ -13,6 +13,7 @@ import math
 import os
 import reprlib
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import IntEnum
@@ -185,6 +186,11 @@ def activation_tensors(model: onnx.ModelProto) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# Weights above this size reach onnxruntime as a temporary file, which it maps instead of holding
+# a copy of them. ConvNeXt-B's 420 MiB: a calibration's peak RSS 1707 -> 1289 MiB, for runs 5-8 %
+# slower and 0.7 s more to start (bench/scale.py, docs/reliability/scale_run9.txt).
+SESSION_FROM_FILE_BYTES = 256 << 20
+
 # Ops whose output holds exactly the values of their first input, rearranged: the same histogram.
 VALUE_PRESERVING_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
@@ -254,17 +260,27 @@ class Calibrator:
     def _make_session(self, providers: Sequence[str]) -> ort.InferenceSession:
         """A session on the model with every tensor to calibrate as an extra output, built from the
         model's skeleton and its weights as arrays (model_io.split_weights): the model itself is
-        neither changed nor serialized whole."""
+        neither changed nor serialized whole. onnxruntime copies the arrays into the session,
+        unless they are large: then it maps them from a temporary file."""
         skeleton, weights = model_io.split_weights(self.model)
         outputs = {o.name for o in skeleton.graph.output}
         skeleton.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in self._observed if name not in outputs)
-        # onnxruntime copies the arrays into the session: they go when this returns.
-        session = self._session_for(skeleton.SerializeToString(), weights, providers)
+        if sum(w.nbytes for w in weights.values()) < SESSION_FROM_FILE_BYTES:
+            session = self._session_for(skeleton.SerializeToString(), weights, providers)
+        else:
+            with tempfile.TemporaryDirectory(prefix="torchq-calibration-", ignore_cleanup_errors=True) as folder:
+                try:
+                    path = str(model_io.write_with_external_weights(skeleton, weights, folder))
+                except OSError:  # no room for them: in memory, as for small models
+                    session = self._session_for(skeleton.SerializeToString(), weights, providers)
+                else:
+                    del weights  # the file holds them now
+                    session = self._session_for(path, {}, providers)
         self._input_meta = {i.name: i for i in session.get_inputs()}
         return session
 
     @staticmethod
-    def _session_for(source: bytes, weights: Mapping[str, np.ndarray], providers: Sequence[str]) -> ort.InferenceSession:
+    def _session_for(source: bytes | str, weights: Mapping[str, np.ndarray], providers: Sequence[str]) -> ort.InferenceSession:
         """All of onnxruntime's graph optimizations (its fusions keep every graph output, so every
         exposed tensor, and its x86 conv layouts make the runs 1.5x faster: digits_resnet 0.26 ->
         0.16 s), or basic ones where a full optimization fails on a model."""

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -307,6 +307,26 @@ _PLAIN_DTYPES = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, Ten
 def _held_in_memory(t: TensorProto) -> bool:
     """A large initializer whose raw little-endian bytes this machine reads as a numpy array."""
     return sys.byteorder == "little" and t.data_type in _PLAIN_DTYPES and t.HasField("raw_data") and _is_large(t)
+
+
+def write_with_external_weights(skeleton: onnx.ModelProto, weights: Mapping[str, np.ndarray], folder: str | os.PathLike) -> Path:
+    """Write split_weights' two parts as a model file whose stubs point into one data file beside
+    it, in `folder` (which the caller owns); returns the model's path. onnxruntime maps such data
+    from the file instead of holding its own copy."""
+    folder = Path(folder)
+    stubs = {t.name: t for t in skeleton.graph.initializer if t.name in weights}
+    offset = 0
+    with open(folder / "weights.bin", "wb") as f:
+        for name, value in weights.items():
+            value.tofile(f)
+            stub = stubs[name]
+            del stub.external_data[:]
+            for key, v in (("location", "weights.bin"), ("offset", offset), ("length", value.nbytes)):
+                stub.external_data.add(key=key, value=str(v))
+            offset += value.nbytes
+    path = folder / "model.onnx"
+    path.write_bytes(skeleton.SerializeToString())
+    return path
 
 
 def _names_read(graph: onnx.GraphProto) -> set[str]:

@@ -515,6 +515,17 @@ def test_calibrator_session_takes_the_weights_as_arrays(monkeypatch):
     assert shared.model is model and model.SerializeToString(deterministic=True) == before
     assert shared.compute_range() == reference.compute_range()
     assert Calibrator(model, "mse_asym", quiet=True, copy_model=True).model is not model
+    # Large weights go through a temporary file onnxruntime maps; the folder is gone afterwards.
+    import tempfile
+
+    from onnx_backend import calibrator
+
+    monkeypatch.setattr(calibrator, "SESSION_FROM_FILE_BYTES", 0)
+    before_files = set(__import__("os").listdir(tempfile.gettempdir()))
+    mapped = Calibrator(model, "mse_asym", quiet=True)
+    assert set(__import__("os").listdir(tempfile.gettempdir())) == before_files
+    mapped.collect_data(samples)
+    assert mapped.compute_range() == reference.compute_range()
 
 
 def test_split_weights_gives_onnxruntime_the_same_model():
