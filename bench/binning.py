@@ -1,4 +1,5 @@
-"""How fast calibration histograms are built: nanoseconds per value, by implementation.
+"""How fast calibration histograms are built (nanoseconds per value) and searched (milliseconds per
+tensor), by implementation: the compiled kernels against their numpy fallbacks.
 
     PYTHONPATH=$PWD python -m bench.binning [--no-write]
 
@@ -7,8 +8,12 @@ the first batches) with the compiled kernel (onnx_backend/_binning.c), the same 
 numpy fallback, and a PyTorch observer's update through torch ops (what a GPU tensor takes), on
 activation-like data: ReLU outputs (half exact zeros, the case that serializes a plain
 bincount), a normal distribution, and a cache-sized and a large batch. Every implementation
-must build the same statistics; the script checks that before it times anything. Prints a table
-and writes docs/bench/binning.md with it and this command.
+must build the same statistics; the script checks that before it times anything.
+
+Then the range searches that score thousands of candidate ranges per tensor (entropy's KL
+windows, the two-sided mse/sqnr grid), with the compiled kernels (onnx_backend/_search.c) and
+with numpy, on histograms of ReLU, normal and heavy-tailed (Student-t) data; both must choose
+the same ranges. Prints the tables and writes docs/bench/binning.md with them and this command.
 """
 
 from __future__ import annotations
@@ -100,11 +105,45 @@ def measure() -> list[list]:
     return rows
 
 
-def render(rows: list[list]) -> str:
-    header = ["data", "values per batch", "compiled kernel ns/value", "numpy fallback ns/value", "torch ops ns/value", "kernel vs numpy", "kernel vs torch ops"]
+SEARCHES = (("entropy", False), ("entropy", True), ("mse", False), ("sqnr", False))
+
+
+def measure_searches() -> list[list]:
+    """ms per tensor of each slow range search, kernel and numpy, after checking they agree."""
+    from onnx_backend import range_selection
+    from onnx_backend.statistics import TensorStatistics
+
+    if range_selection._search is None:
+        raise SystemExit("the compiled search kernels are not built: pip install -e . (needs a C compiler)")
+    rng = np.random.default_rng(0)
+    data = {"relu": np.maximum(rng.normal(size=1 << 20), 0), "normal": rng.normal(size=1 << 20), "heavy tailed": rng.standard_t(df=4, size=1 << 20)}
+    rows = []
+    for kind, x in data.items():
+        stats = TensorStatistics()
+        stats.update(x.astype(np.float32))
+        for method, symmetric in SEARCHES:
+            times, chosen = [], []
+            for kernel in (range_selection._search, None):
+                saved, range_selection._search = range_selection._search, kernel
+                try:
+                    chosen.append(range_selection.select_range(stats, method, symmetric))
+                    times.append(_seconds_per_update(lambda s: range_selection.select_range(s, method, symmetric), stats, 3) * 1e3)
+                finally:
+                    range_selection._search = saved
+            if chosen[0] != chosen[1]:
+                raise SystemExit(f"{method} ({kind}) chose {chosen[0]} with the kernel, {chosen[1]} with numpy")
+            rows.append([kind, f"{method}_{'sym' if symmetric else 'asym'}", f"{times[0]:.2f}", f"{times[1]:.2f}", f"{times[1] / times[0]:.1f}x"])
+    return rows
+
+
+def render(rows: list[list], header: list[str] | None = None) -> str:
+    header = header or ["data", "values per batch", "compiled kernel ns/value", "numpy fallback ns/value", "torch ops ns/value", "kernel vs numpy", "kernel vs torch ops"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+SEARCH_HEADER = ["data", "method", "compiled kernel ms/tensor", "numpy ms/tensor", "kernel vs numpy"]
 
 
 def main(argv=None) -> int:
@@ -113,16 +152,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     table = render(measure())
-    print(table)
+    searches = render(measure_searches(), SEARCH_HEADER)
+    print(table + "\n\n" + searches)
     if not args.no_write:
         from onnx_backend.model_io import write_text_atomic
 
         machine = f"{platform.processor() or platform.machine()}, 1 thread"
         text = (
-            "# Histogram binning speed\n\n"
+            "# Histogram binning and range-search speed\n\n"
             f"`PYTHONPATH=$PWD python -m bench.binning` ({machine}; best of 3). One `update` of a batch that fits the\n"
             "current bins, per value: min and max, bin indices, counts. Every implementation builds the same statistics\n"
-            "(checked before timing). ReLU data is half exact zeros.\n\n" + table + "\n"
+            "(checked before timing). ReLU data is half exact zeros.\n\n" + table + "\n\n"
+            "One range search per tensor (a histogram of 2^20 values, 4096 bins): entropy's KL windows and the two-sided\n"
+            "mse/sqnr grid, with the compiled kernels (`onnx_backend/_search.c`) and with numpy; both choose the same range\n"
+            "(checked). Percentile and min-max take microseconds either way.\n\n" + searches + "\n"
         )
         write_text_atomic(ROOT / "docs" / "bench" / "binning.md", text)
     return 0

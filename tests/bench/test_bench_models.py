@@ -80,3 +80,11 @@ def test_binning_benchmark_compares_implementations_that_build_the_same_statisti
     rows = binning.measure()  # exits if an implementation built different statistics
     assert [r[:2] for r in rows] == [["relu", 5000], ["normal", 5000]]
     assert all(float(t) > 0 for r in rows for t in r[2:5])
+
+
+def test_search_benchmark_times_kernels_that_choose_the_numpy_ranges():
+    from bench import binning
+
+    rows = binning.measure_searches()  # exits if the kernel and numpy chose different ranges
+    assert [r[:2] for r in rows[:4]] == [["relu", "entropy_asym"], ["relu", "entropy_sym"], ["relu", "mse_asym"], ["relu", "sqnr_asym"]]
+    assert len(rows) == 3 * len(binning.SEARCHES) and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
