@@ -88,3 +88,21 @@ def test_search_benchmark_times_kernels_that_choose_the_numpy_ranges():
     rows = binning.measure_searches()  # exits if the kernel and numpy chose different ranges
     assert [r[:2] for r in rows[:4]] == [["relu", "entropy_asym"], ["relu", "entropy_sym"], ["relu", "mse_asym"], ["relu", "sqnr_asym"]]
     assert len(rows) == 3 * len(binning.SEARCHES) and all(float(r[2]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+def test_calibration_profile_accounts_for_a_calibration():
+    import io
+
+    import onnx
+
+    from bench import calibration_profile
+    from tests.zoo import ZOO
+
+    entry = ZOO["transformer_block"]
+    buf = io.BytesIO()
+    torch.onnx.export(entry.model(), entry.calibration(1)[0], buf, dynamo=False, opset_version=17, input_names=entry.input_names, output_names=entry.output_names, dynamic_axes={n: {0: "b"} for n in entry.input_names})
+    feeds = [dict(zip(entry.input_names, (t.numpy() for t in s))) for s in entry.calibration(4)]
+    p = calibration_profile._profile_once(onnx.load_from_string(buf.getvalue()), feeds)
+    assert p["observed"] < p["tensors"]  # the heads' reshapes share statistics
+    assert 0 < p["onnxruntime runs"] <= p["collect_data"] and 0 < p["binning"] <= p["collect_data"]
+    assert all(p[m] > 0 for m in calibration_profile.METHODS)
