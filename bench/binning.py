@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .common import table
+
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = (1 << 16, 1 << 22)
 
@@ -136,13 +138,7 @@ def measure_searches() -> list[list]:
     return rows
 
 
-def render(rows: list[list], header: list[str] | None = None) -> str:
-    header = header or ["data", "values per batch", "compiled kernel ns/value", "numpy fallback ns/value", "torch ops ns/value", "kernel vs numpy", "kernel vs torch ops"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
+BINNING_HEADER = ["data", "values per batch", "compiled kernel ns/value", "numpy fallback ns/value", "torch ops ns/value", "kernel vs numpy", "kernel vs torch ops"]
 SEARCH_HEADER = ["data", "method", "compiled kernel ms/tensor", "numpy ms/tensor", "kernel vs numpy"]
 
 
@@ -151,9 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/bench/binning.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    table = render(measure())
-    searches = render(measure_searches(), SEARCH_HEADER)
-    print(table + "\n\n" + searches)
+    binning = table(BINNING_HEADER, [[str(c) for c in r] for r in measure()])
+    searches = table(SEARCH_HEADER, measure_searches())
+    print(binning + "\n\n" + searches)
     if not args.no_write:
         from onnx_backend.model_io import write_text_atomic
 
@@ -162,7 +158,7 @@ def main(argv=None) -> int:
             "# Histogram binning and range-search speed\n\n"
             f"`PYTHONPATH=$PWD python -m bench.binning` ({machine}; best of 3). One `update` of a batch that fits the\n"
             "current bins, per value: min and max, bin indices, counts. Every implementation builds the same statistics\n"
-            "(checked before timing). ReLU data is half exact zeros.\n\n" + table + "\n\n"
+            "(checked before timing). ReLU data is half exact zeros.\n\n" + binning + "\n\n"
             "One range search per tensor (a histogram of 2^20 values, 4096 bins): entropy's KL windows and the two-sided\n"
             "mse/sqnr grid, with the compiled kernels (`onnx_backend/_search.c`) and with numpy; both choose the same range\n"
             "(checked). Percentile and min-max take microseconds either way.\n\n" + searches + "\n"

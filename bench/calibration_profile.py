@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import torch
 
-from .common import CACHE, Settings
+from .common import CACHE, Settings, table
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("PERCENTILE_ASYM", "MSE_ASYM", "SQNR_ASYM", "ENTROPY_ASYM")
@@ -81,19 +81,13 @@ def measure() -> list[list]:
 HEADER = ["model", "tensors observed (of all)", "Calibrator() s", "onnxruntime runs s", "binning s", "collect_data s", *(f"compute_range {m.lower()} s" for m in METHODS)]
 
 
-def render(rows: list[list]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/bench/calibration_profile.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    table = render(measure())
-    print(table)
+    text_table = table(HEADER, measure())
+    print(text_table)
     if not args.no_write:
         from onnx_backend.model_io import write_text_atomic
 
@@ -102,7 +96,7 @@ def main(argv=None) -> int:
             f"`PYTHONPATH=$PWD python -m bench.calibration_profile` (median of {RUNS} runs; the models and samples of\n"
             "docs/BENCHMARKS.md's ONNX-path section). onnxruntime runs in a worker thread (one intra-op thread) while\n"
             "the calling thread bins the previous run's outputs, so `collect_data` is about the larger of the two.\n"
-            "Tensors a Reshape/Transpose/... makes from another share its statistics and are not observed.\n\n" + table + "\n"
+            "Tensors a Reshape/Transpose/... makes from another share its statistics and are not observed.\n\n" + text_table + "\n"
         )
         write_text_atomic(ROOT / "docs" / "bench" / "calibration_profile.md", text)
     return 0
