@@ -32,31 +32,34 @@
    unless it underflows (a negative v whose v * w rounds to 0 lies in bin -1: `underflow` says the
    exponent is positive, the only case where that can happen), and floor(v * w) - first is exact
    in the data's own precision (either every value is small, or all lie within a factor of two of
-   `first`), so only the final, small index is converted to an integer. Each tile's minimum and
-   maximum are taken in the same pass over it (no separate min() and max() passes over the data).
+   `first`), so only the final, small index is converted to an integer. Values below `lower` count
+   as `lower` (0 bins max(x, 0), a Relu's output, straight from its input; -inf bins x as it is).
+   Each tile's minimum and maximum are taken in the same pass over it (no separate min() and max()
+   passes over the data).
    Returns -1, with the counts partial, at the first tile holding a value outside the bins or one
    that is not finite (v - v is 0 only for finite v); 0 with *lo, *hi set otherwise. */
 #define COUNT_BODY(T)                                                                         \
     int32_t idx[TILE];                                                                        \
     const T first_t = (T)first;                                                               \
-    T least = x[0], most = x[0];                                                              \
+    T least = x[0] > lower ? x[0] : lower, most = least;                                      \
     for (Py_ssize_t s = 0; s < n; s += TILE) {                                                \
         const Py_ssize_t m = n - s < TILE ? n - s : TILE;                                     \
         const T *p = x + s;                                                                   \
         uint32_t outside = 0; /* the caller may not know the range: every tile is checked */  \
         _Pragma("omp simd reduction(min : least) reduction(max : most) reduction(| : outside)") \
         for (Py_ssize_t i = 0; i < m; i++) {                                                  \
-            least = p[i] < least ? p[i] : least;                                              \
-            most = p[i] > most ? p[i] : most;                                                 \
+            const T u = p[i] > lower ? p[i] : lower;                                          \
+            least = u < least ? u : least;                                                    \
+            most = u > most ? u : most;                                                       \
             outside |= (p[i] - p[i]) != 0;                                                    \
         }                                                                                     \
         if (underflow) {                                                                      \
             for (Py_ssize_t i = 0; i < m; i++) {                                              \
-                const T v = p[i] * w;                                                         \
-                idx[i] = (int32_t)(FLOOR(v) - first_t) - ((v == 0) & (p[i] < 0));            \
+                const T u = p[i] > lower ? p[i] : lower, v = u * w;                           \
+                idx[i] = (int32_t)(FLOOR(v) - first_t) - ((v == 0) & (u < 0));               \
             }                                                                                 \
         } else {                                                                              \
-            for (Py_ssize_t i = 0; i < m; i++) idx[i] = (int32_t)(FLOOR(p[i] * w) - first_t); \
+            for (Py_ssize_t i = 0; i < m; i++) idx[i] = (int32_t)(FLOOR((p[i] > lower ? p[i] : lower) * w) - first_t); \
         }                                                                                     \
         for (Py_ssize_t i = 0; i < m; i++) outside |= (uint32_t)idx[i] >= (uint32_t)nbins;   \
         if (outside) return -1;                                                               \
@@ -73,10 +76,10 @@
     return 0;
 
 #define FLOOR floorf
-CLONES static int count_f32(const float *x, Py_ssize_t n, float w, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(float) }
+CLONES static int count_f32(const float *x, Py_ssize_t n, float w, float lower, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(float) }
 #undef FLOOR
 #define FLOOR floor
-CLONES static int count_f64(const double *x, Py_ssize_t n, double w, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(double) }
+CLONES static int count_f64(const double *x, Py_ssize_t n, double w, double lower, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(double) }
 #undef FLOOR
 
 static int is_format(const Py_buffer *b, char code, Py_ssize_t itemsize) {
@@ -85,18 +88,18 @@ static int is_format(const Py_buffer *b, char code, Py_ssize_t itemsize) {
     return b->itemsize == itemsize && f[0] == code && f[1] == 0;
 }
 
-/* count(x, w, first, underflow, counts) -> (min, max) of x, after adding its bin counts to
-   `counts`, a C-contiguous int64 array whose index 0 is bin `first`. x: a non-empty,
-   C-contiguous float32 or float64 array. None if a value of x lies outside those bins or is not
-   finite: `counts` is then partly updated (every tile is checked before it is counted), so a
-   caller that does not know x's range passes a copy. */
+/* count(x, w, first, underflow, counts[, relu]) -> (min, max) of x, after adding its bin counts
+   to `counts`, a C-contiguous int64 array whose index 0 is bin `first`. x: a non-empty,
+   C-contiguous float32 or float64 array; with relu, max(x, 0) instead. None if a value lies
+   outside those bins or x holds one that is not finite: `counts` is then partly updated (every
+   tile is checked before it is counted), so a caller that does not know x's range passes a copy. */
 static PyObject *count(PyObject *self, PyObject *args) {
     PyObject *x_obj, *counts_obj;
     double w;
     long long first;
-    int underflow, status = 0;
+    int underflow, relu = 0, status = 0;
     Py_buffer x, out;
-    if (!PyArg_ParseTuple(args, "OdLpO", &x_obj, &w, &first, &underflow, &counts_obj)) return NULL;
+    if (!PyArg_ParseTuple(args, "OdLpO|p", &x_obj, &w, &first, &underflow, &counts_obj, &relu)) return NULL;
     if (PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
     if (PyObject_GetBuffer(counts_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&x);
@@ -127,9 +130,9 @@ static PyObject *count(PyObject *self, PyObject *args) {
         const Py_ssize_t m = n - s < SPAN ? n - s : SPAN;
         double span_lo, span_hi;
         if (f32)
-            status = count_f32((const float *)x.buf + s, m, (float)w, first, underflow, lane, nbins, &span_lo, &span_hi);
+            status = count_f32((const float *)x.buf + s, m, (float)w, relu ? 0.0f : -INFINITY, first, underflow, lane, nbins, &span_lo, &span_hi);
         else
-            status = count_f64((const double *)x.buf + s, m, w, first, underflow, lane, nbins, &span_lo, &span_hi);
+            status = count_f64((const double *)x.buf + s, m, w, relu ? 0.0 : -INFINITY, first, underflow, lane, nbins, &span_lo, &span_hi);
         if (status == 0) {
             lo = span_lo < lo ? span_lo : lo, hi = span_hi > hi ? span_hi : hi;
             for (Py_ssize_t k = 0; k < nbins; k++) {
@@ -147,7 +150,7 @@ static PyObject *count(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"count", count, METH_VARARGS, "count(x, w, first, underflow, counts) -> (min, max), or None if x does not fit the bins"},
+    {"count", count, METH_VARARGS, "count(x, w, first, underflow, counts[, relu]) -> (min, max), or None if x does not fit the bins"},
     {NULL, NULL, 0, NULL},
 };
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_binning", "Histogram binning kernel (see statistics.bin_batch).", -1, methods};

@@ -8,6 +8,7 @@ from sample to sample (variable batch, image size, sequence length).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -195,19 +196,21 @@ SESSION_FROM_FILE_BYTES = 256 << 20
 VALUE_PRESERVING_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 
 
-def value_aliases(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, str]:
-    """{tensor: the tensor whose values it holds} for the `tensors` that a chain of
-    VALUE_PRESERVING_OPS makes from another of the `tensors` (nodes in graph order). The
-    Calibrator observes only the latter and gives the former the same statistics: a quarter of
-    a transformer's activations (its heads' reshapes and transposes) not copied out of
-    onnxruntime nor binned again."""
-    observed, aliases = set(tensors), {}
+def value_sources(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, tuple[str, bool]]:
+    """{tensor: (source, relu)} for the `tensors` whose values a chain of VALUE_PRESERVING_OPS and
+    Relu makes from another of the `tensors` (nodes in graph order): they hold the source's
+    values, or max(source, 0) where the chain has a Relu. The Calibrator observes only sources
+    and folds the rest in from them: a quarter of a transformer's activations (its heads'
+    reshapes and transposes) and a CNN's Relu outputs not copied out of onnxruntime, nor binned
+    or searched twice."""
+    candidates, sources = set(tensors), {}
     for node in model.graph.node:
-        if node.op_type in VALUE_PRESERVING_OPS and node.domain in ("", "ai.onnx") and node.input and node.input[0] in observed:
-            for out in node.output[:1]:
-                if out in observed:
-                    aliases[out] = aliases.get(node.input[0], node.input[0])
-    return aliases
+        relu = node.op_type == "Relu"
+        if (relu or node.op_type in VALUE_PRESERVING_OPS) and node.domain in ("", "ai.onnx") and node.input and node.input[0] in candidates:
+            source, clipped = sources.get(node.input[0], (node.input[0], False))
+            if node.output[0] in candidates:
+                sources[node.output[0]] = (source, clipped or relu)
+    return sources
 
 
 def _progress(iterable, desc: str, quiet: bool | None):
@@ -250,12 +253,29 @@ class Calibrator:
         if not self.tensors:
             raise InvalidModelError("the model has no float32 activations to calibrate")
         self.statistics: dict[str, TensorStatistics] = {t: TensorStatistics(histogram_bins) for t in self.tensors}
-        self._aliases = value_aliases(self.model, self.tensors)
-        self._observed = [t for t in self.tensors if t not in self._aliases]  # what onnxruntime hands out
+        self._plan_observation()
         self.samples = 0
         self._session = self._make_session(providers)
         self._batchable = batch_samples and all(len(m.shape) > 0 and not isinstance(m.shape[0], int) for m in self._input_meta.values())
         self._activations_per_input_byte: float | None = None
+
+    def _plan_observation(self) -> None:
+        """Which tensors onnxruntime hands out (`_observed`), which get max(x, 0) statistics
+        from one of them (`_relu_of`: source -> the tensor holding them), and which share another
+        tensor's statistics (`_aliases`: tensor -> observed or Relu tensor)."""
+        sources = value_sources(self.model, self.tensors)
+        self._observed = [t for t in self.tensors if t not in sources]
+        # Each observed tensor stands for itself and the tensors made from it, all of its size:
+        # runs are sized by every activation they compute, exposed or not (see _runs).
+        made_from = collections.Counter(source for source, _ in sources.values())
+        self._sizes_in_run = [1 + made_from[t] for t in self._observed]
+        self._relu_of: dict[str, str] = {}
+        self._aliases: dict[str, str] = {}
+        for tensor, (source, relu) in sources.items():
+            if relu and source not in self._relu_of:
+                self._relu_of[source] = tensor
+            else:
+                self._aliases[tensor] = self._relu_of[source] if relu else source
 
     def _make_session(self, providers: Sequence[str]) -> ort.InferenceSession:
         """A session on the model with every tensor to calibrate as an extra output, built from the
@@ -405,7 +425,7 @@ class Calibrator:
                     outputs = future.result()
                 except Exception as exc:
                     raise CalibrationError(f"onnxruntime failed on calibration {where}: {exc}") from None
-                inputs, produced = sum(a.nbytes for a in feeds.values()), sum(o.nbytes for o in outputs)
+                inputs, produced = sum(a.nbytes for a in feeds.values()), sum(o.nbytes * k for o, k in zip(outputs, self._sizes_in_run))
                 if inputs:
                     self._activations_per_input_byte = produced / inputs
                 feeds = next(runs, None)  # sized by the activations just measured
@@ -424,12 +444,14 @@ class Calibrator:
 
     def _update(self, staged: dict[str, TensorStatistics], outputs: list[np.ndarray], where: str) -> None:
         for name, value in zip(self._observed, outputs):
-            stats = staged[name].sharing_counts()
-            try:
-                stats.update(value)
-            except NonFiniteError:
-                raise CalibrationError(f"tensor {name!r} holds NaN or Inf on calibration {where}") from None
-            staged[name] = stats
+            targets = [(name, False)] + ([(self._relu_of[name], True)] if name in self._relu_of else [])
+            for target, relu in targets:
+                stats = staged[target].sharing_counts()
+                try:
+                    stats.update(value, relu=relu)
+                except NonFiniteError:
+                    raise CalibrationError(f"tensor {name!r} holds NaN or Inf on calibration {where}") from None
+                staged[target] = stats
 
     def compute_range(self, verbose: bool = False) -> Ranges:
         if self.samples == 0:

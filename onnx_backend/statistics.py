@@ -93,12 +93,12 @@ def bin_batch(x: np.ndarray, exponent: int, lo: float | None = None, hi: float |
     return counts, first
 
 
-def _count_into(counts: np.ndarray, x: np.ndarray, exponent: int, first: int) -> tuple[float, float] | None:
-    """Add the bin counts of x to `counts` (whose index 0 is bin `first`) with the compiled kernel,
-    and return x's (min, max); None, with `counts` partly updated, if a value of x lies outside
-    those bins or is not finite."""
+def _count_into(counts: np.ndarray, x: np.ndarray, exponent: int, first: int, relu: bool = False) -> tuple[float, float] | None:
+    """Add the bin counts of x (of max(x, 0) with `relu`) to `counts` (whose index 0 is bin
+    `first`) with the compiled kernel, and return their (min, max); None, with `counts` partly
+    updated, if a value lies outside those bins or x holds one that is not finite."""
     native = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))  # what the kernel reads
-    return _binning.count(native, math.ldexp(1.0, -exponent), first, exponent > 0, counts)
+    return _binning.count(native, math.ldexp(1.0, -exponent), first, exponent > 0, counts, relu)
 
 
 # Elements binned at a time: the temporaries stay in the cache, 1.7x faster than whole-array
@@ -164,14 +164,17 @@ class TensorStatistics:
         counts, offset = coarsen(self.counts, self.offset, e - self.exponent)
         return e, first, realign(counts, offset, first, last - first + 1)
 
-    def update(self, x: np.ndarray) -> None:
-        """Fold a batch into the statistics. Raises NonFiniteError on NaN/Inf."""
+    def update(self, x: np.ndarray, *, relu: bool = False) -> None:
+        """Fold a batch into the statistics (of max(x, 0) with `relu`: a Relu's output, from its
+        input, without the Relu's own copy of the values). Raises NonFiniteError on NaN/Inf."""
         x = np.asarray(x)
         if x.size == 0:
             return
         x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False).ravel()
-        if self._counted_in_current_bins(x):
+        if self._counted_in_current_bins(x, relu):
             return
+        if relu:
+            x = np.maximum(x, x.dtype.type(0))  # NaN stays NaN
         lo, hi = float(x.min()), float(x.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise NonFiniteError("NaN or Inf in calibration data")
@@ -179,7 +182,7 @@ class TensorStatistics:
         counts, first = bin_batch(x, e, lo, hi)
         self.add_counts(lo, hi, x.size, counts, first, e)
 
-    def _counted_in_current_bins(self, x: np.ndarray) -> bool:
+    def _counted_in_current_bins(self, x: np.ndarray, relu: bool) -> bool:
         """The common case after the first batches, in one pass over x: the batch lies in the
         current bins and the wider range requires the current exponent (it almost always does: the
         range grew within the same end bins), so the first bin stays too and the compiled kernel
@@ -189,7 +192,7 @@ class TensorStatistics:
         if _binning is None or self.empty:
             return False
         counts = self.counts.copy()  # never written into: see add_counts
-        extremes = _count_into(counts, x, self.exponent, self.offset)
+        extremes = _count_into(counts, x, self.exponent, self.offset, relu)
         if extremes is None:
             return False
         lo, hi = min(extremes[0], self.min), max(extremes[1], self.max)

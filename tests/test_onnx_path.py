@@ -185,7 +185,8 @@ def test_stacking_and_cutting_runs_leaves_the_statistics_unchanged(monkeypatch, 
     one_per_sample.collect_data(data)
 
     calibrator = Calibrator(model, quiet=True)
-    per_row = sum(o.nbytes for o in calibrator._session.run(calibrator._observed, {"x": data[0][0]}))
+    outputs = calibrator._session.run(calibrator._observed, {"x": data[0][0]})
+    per_row = sum(o.nbytes * k for o, k in zip(outputs, calibrator._sizes_in_run))  # every activation, handed out or not
     monkeypatch.setattr(calibrator_module, "RUN_BYTES", 3 * per_row)  # three 16x16 rows per run
     runs = []
     run = calibrator._session.run
@@ -199,27 +200,30 @@ def test_stacking_and_cutting_runs_leaves_the_statistics_unchanged(monkeypatch, 
         assert calibrator.statistics[name].to_dict() == stats.to_dict(), name
 
 
-@pytest.mark.parametrize("name", ["transformer_block", "torch_encoder_layer", "flatten_linear"])
-def test_reshapes_and_transposes_share_their_sources_statistics(monkeypatch, name):
-    """Tensors a Reshape/Transpose/... makes from another hold its values: the Calibrator does not
-    have onnxruntime hand them out nor bins them again, and gives them the same statistics and
-    ranges as observing them would."""
+@pytest.mark.parametrize("name", ["transformer_block", "torch_encoder_layer", "flatten_linear", "conv_bn_relu", "residual"])
+def test_tensors_made_from_others_get_the_statistics_observing_them_gives(monkeypatch, name):
+    """Tensors a Reshape/Transpose/... makes from another hold its values, and a Relu's output is
+    max(input, 0): the Calibrator has onnxruntime hand out only the sources, folds the others in
+    from them, and gets the statistics and ranges that observing every tensor gives."""
     import onnx_backend.calibrator as calibrator_module
 
     entry = ZOO[name]
     model = float_export(entry)
     data = samples(entry, 4)
-    shared = Calibrator(model, CalibrationMethod.ENTROPY_ASYM, quiet=True)
-    assert shared._aliases and not set(shared._aliases) & set(shared._observed)
-    assert {n.op_type for n in model.graph.node if n.output[0] in shared._aliases} <= calibrator_module.VALUE_PRESERVING_OPS
-    shared.collect_data(data)
-    monkeypatch.setattr(calibrator_module, "VALUE_PRESERVING_OPS", frozenset())
+    derived = Calibrator(model, CalibrationMethod.ENTROPY_ASYM, quiet=True)
+    folded = set(derived._aliases) | set(derived._relu_of.values())
+    assert folded and not folded & set(derived._observed) and set(derived._relu_of) <= set(derived._observed)
+    assert {n.op_type for n in model.graph.node if n.output[0] in folded} <= calibrator_module.VALUE_PRESERVING_OPS | {"Relu"}
+    assert bool(derived._relu_of) == any(n.op_type == "Relu" for n in model.graph.node)
+    assert sum(derived._sizes_in_run) == len(derived.tensors)  # runs are sized by every tensor, each once
+    derived.collect_data(data)
+    monkeypatch.setattr(calibrator_module, "value_sources", lambda model, tensors: {})
     every = Calibrator(model, CalibrationMethod.ENTROPY_ASYM, quiet=True)
-    assert every._aliases == {} and every._observed == every.tensors == shared.tensors
+    assert every._observed == every.tensors == derived.tensors
     every.collect_data(data)
     for tensor, stats in every.statistics.items():
-        assert shared.statistics[tensor].to_dict() == stats.to_dict(), tensor
-    assert shared.compute_range() == every.compute_range()
+        assert derived.statistics[tensor].to_dict() == stats.to_dict(), tensor
+    assert derived.compute_range() == every.compute_range()
 
 
 def test_several_inputs_and_outputs():

@@ -70,6 +70,23 @@ def test_non_finite_in_a_later_batch_is_an_error_and_changes_nothing(rng, bad):
     assert_same_statistics(s, before)
 
 
+@pytest.mark.parametrize("binning", ["compiled kernel", "numpy"])
+def test_relu_statistics_from_the_input_are_those_of_the_output(rng, monkeypatch, binning):
+    if binning == "numpy":
+        monkeypatch.setattr(statistics, "_binning", None)
+    batches = [rng.normal(size=3000).astype(np.float32) * s - o for s, o in ((1.0, 0.0), (0.5, 0.2), (3.0, 1.0), (0.1, 5.0))]
+    from_input = TensorStatistics()
+    for b in batches:  # a growing range, batches inside the current bins, one all negative
+        from_input.update(b, relu=True)
+    assert_same_statistics(from_input, _stats(*(np.maximum(b, 0) for b in batches)))
+    bad = batches[0].copy()
+    bad[7] = np.nan  # max(NaN, 0) must not hide a NaN
+    before = from_input.copy()
+    with pytest.raises(NonFiniteError):
+        from_input.update(bad, relu=True)
+    assert_same_statistics(from_input, before)
+
+
 def test_round_trip_through_dict(rng):
     s = _stats(rng.laplace(size=3000))
     assert_same_statistics(s, TensorStatistics.from_dict(s.to_dict()))
