@@ -9,6 +9,7 @@ from sample to sample (variable batch, image size, sequence length).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -285,17 +286,15 @@ class Calibrator:
         skeleton, weights = model_io.split_weights(self.model)
         outputs = {o.name for o in skeleton.graph.output}
         skeleton.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in self._observed if name not in outputs)
-        if sum(w.nbytes for w in weights.values()) < SESSION_FROM_FILE_BYTES:
-            session = self._session_for(skeleton.SerializeToString(), weights, providers)
-        else:
-            with tempfile.TemporaryDirectory(prefix="torchq-calibration-", ignore_cleanup_errors=True) as folder:
+        with contextlib.ExitStack() as stack:
+            source: bytes | str | None = None
+            if sum(w.nbytes for w in weights.values()) >= SESSION_FROM_FILE_BYTES:
+                folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="torchq-calibration-", ignore_cleanup_errors=True))
                 try:
-                    path = str(model_io.write_with_external_weights(skeleton, weights, folder))
-                except OSError:  # no room for them: in memory, as for small models
-                    session = self._session_for(skeleton.SerializeToString(), weights, providers)
-                else:
-                    del weights  # the file holds them now
-                    session = self._session_for(path, {}, providers)
+                    source, weights = str(model_io.write_with_external_weights(skeleton, weights, folder)), {}  # the file holds them
+                except OSError:
+                    pass  # no room for them: in memory, as for small models
+            session = self._session_for(source or skeleton.SerializeToString(), weights, providers)
         self._input_meta = {i.name: i for i in session.get_inputs()}
         return session
 
