@@ -63,6 +63,27 @@ def _median_run(fn, runs: int):
     return result, float(np.median(times))
 
 
+def _calibration_times(ours, theirs, methods, runs: int):
+    """(our last Calibrator, our median seconds, {method: onnxruntime's median seconds}), the two
+    tools' calibrations taking turns: a slower stretch of the machine slows both, not the one
+    that happened to run then. A method onnxruntime fails on has no time (its quantize_static
+    error says why)."""
+    ours_s, theirs_s, failed = [], {m: [] for m in methods}, set()
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        cal = ours()
+        ours_s.append(time.perf_counter() - t0)
+        for method in methods:
+            if method in failed:
+                continue
+            try:
+                with quiet():
+                    theirs_s[method].append(theirs(method))
+            except Exception:
+                failed.add(method)
+    return cal, float(np.median(ours_s)), {m: float(np.median(t)) for m, t in theirs_s.items() if t and m not in failed}
+
+
 def measure(subject, float_path: Path, settings: Settings, workdir: Path, log=print) -> OnnxRow:
     from onnx_backend import CalibrationMethod, Calibrator, quantize, validate
 
@@ -77,7 +98,8 @@ def measure(subject, float_path: Path, settings: Settings, workdir: Path, log=pr
         cal.collect_data(feeds)
         return cal
 
-    cal, row.ours_calib_s = _median_run(calibrate, settings.calibration_runs)
+    ort_methods = ORT_METHODS[:1] if settings.quick else ORT_METHODS
+    cal, row.ours_calib_s, row.ort_calib_s = _calibration_times(calibrate, lambda method: ort_calibrate_only(float_path, feeds, method), ort_methods, settings.calibration_runs)
     best, best_key = None, -np.inf
     for name in QUICK_METHODS if settings.quick else OUR_METHODS:
         cal.calibration_method = CalibrationMethod[name]  # statistics are method-independent: select again
@@ -92,7 +114,7 @@ def measure(subject, float_path: Path, settings: Settings, workdir: Path, log=pr
             best, best_key = qm, s
     log(f"  ours: calibration {row.ours_calib_s:.1f} s, best SQNR {best_key:.1f} dB")
     best_ort, best_ort_key = None, -np.inf
-    for method in ORT_METHODS[:1] if settings.quick else ORT_METHODS:
+    for method in ort_methods:
         out = workdir / f"{subject.name}.onnxpath.ort_{method}.onnx"
         try:
             with quiet():
@@ -108,11 +130,6 @@ def measure(subject, float_path: Path, settings: Settings, workdir: Path, log=pr
                 best_ort, best_ort_key = out, s
         except Exception as exc:
             row.ort[method] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-        try:
-            with quiet():
-                row.ort_calib_s[method] = float(np.median([ort_calibrate_only(float_path, feeds, method) for _ in range(settings.calibration_runs)]))
-        except Exception:
-            pass  # quantize_static's error above already says why
     ex = subject.example_feeds()
     row.latency["float"] = latency_ms(float_path, ex, 1, settings)
     row.latency["ours"] = latency_ms(for_onnxruntime(best), ex, 1, settings)  # as deployed on x86 (uint8 storage)
@@ -177,7 +194,7 @@ def render(rows: list[OnnxRow], mem_rows: list[list], mem_model: str, calibratio
     out.append(table(heads, cells))
     out.append("\n#### Calibration wall time (same samples)\n")
     out.append(
-        f"Calibration alone, each the median of {calibration_runs} runs: torchq = `Calibrator(...)` + one streaming `collect_data` pass (shared by all ten methods) + "
+        f"Calibration alone, each the median of {calibration_runs} runs, the two tools taking turns: torchq = `Calibrator(...)` + one streaming `collect_data` pass (shared by all ten methods) + "
         "`compute_range` for the method; onnxruntime = `create_calibrator` + `collect_data` + `compute_data` on the pre-processed model. "
         "Target: our histogram methods calibrate ≥ 5× faster than onnxruntime's Entropy. The last columns are whole quantizations "
         "(torchq: calibration + range selection + `quantize`; onnxruntime: `quantize_static` with its pre-processing).\n"

@@ -106,3 +106,23 @@ def test_calibration_profile_accounts_for_a_calibration():
     assert p["observed"] < p["tensors"]  # the heads' reshapes share statistics
     assert 0 < p["onnxruntime runs"] <= p["collect_data"] and 0 < p["binning"] <= p["collect_data"]
     assert all(p[m] > 0 for m in calibration_profile.METHODS)
+
+
+def test_calibration_times_take_turns_and_drop_a_failing_method():
+    from bench import onnx_path
+
+    calls = []
+
+    def ours():
+        calls.append("ours")
+        return "calibrator"
+
+    def theirs(method):
+        calls.append(method)
+        if method == "Entropy":
+            raise ValueError("inhomogeneous shape")
+        return 1.0
+
+    cal, ours_s, theirs_s = onnx_path._calibration_times(ours, theirs, ("MinMax", "Entropy"), 3)
+    assert calls == ["ours", "MinMax", "Entropy", "ours", "MinMax", "ours", "MinMax"]
+    assert cal == "calibrator" and ours_s >= 0 and theirs_s == {"MinMax": 1.0}
