@@ -53,8 +53,7 @@ def _outputs(model, feeds) -> np.ndarray:
 
 
 def _median_run(fn, runs: int):
-    """fn()'s last result and the median of its wall times over `runs` calls: one cold call is
-    noise (the first calibration in a process also pays one-time costs, such as loading code)."""
+    """fn()'s last result and the median of its wall times over `runs` calls (one call is noise)."""
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()

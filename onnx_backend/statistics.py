@@ -207,7 +207,7 @@ class TensorStatistics:
         """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`.
 
         Builds a new counts array and never writes into the current one, so a shallow copy
-        (dataclasses.replace) of these statistics can be updated without touching the original.
+        (sharing_counts) of these statistics can be updated without touching the original.
         """
         new_lo, new_hi = min(lo, self.min), max(hi, self.max)
         e, offset, total = self._widened(new_lo, new_hi)
