@@ -220,8 +220,9 @@ def load_or_train(model, path: Path, train: Callable[[], None]):
         train()
     finally:
         torch.set_num_threads(threads)
+    from onnx_backend.model_io import atomic_output
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:  # a staging name of its own: two trainers at once never share one
+        torch.save(model.state_dict(), tmp)
     return model.eval()

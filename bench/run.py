@@ -57,11 +57,12 @@ def _jsonable(obj):
 def _save_section(workdir: Path, name: str, text: str, result, seconds: float) -> None:
     import pickle
 
+    from onnx_backend.model_io import atomic_output
+
     path = workdir / "sections" / f"{name}.pkl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps((text, result, seconds, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))))
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:  # a staging name of its own: two runs at once never share one
+        tmp.write_bytes(pickle.dumps((text, result, seconds, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))))
 
 
 def _load_section(workdir: Path, name: str):

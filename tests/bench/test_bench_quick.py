@@ -16,7 +16,9 @@ pytest.importorskip("torchao", reason="the benchmark's PT2E peer needs torchao (
 
 from bench import run  # noqa: E402
 
-pytestmark = pytest.mark.slow
+# One worker runs the whole module: the module fixture would otherwise run the quick benchmark once
+# per xdist worker, at the same time, over the same cache folder.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("bench_quick")]
 
 
 def _tables(markdown: str) -> list[list[str]]:
