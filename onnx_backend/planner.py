@@ -7,8 +7,8 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
    reading it as an activation) runs in int8 on the target, and its parameters are known.
 2. Parameters come from, in order: a fixed-output op (Sigmoid/Softmax/Tanh); a same-scale op
    (the input's parameters pass through); the tensor's own calibrated range.
-3. Relu / Clip(0, x) after an op that absorbs activations (Conv, Gemm, MatMul, Add), when it is
-   that op's only consumer, is removed: the producer writes the activation's output directly,
+3. Relu / Clip(0, x) after an op that absorbs activations (Conv, Gemm, MatMul, Add; in int8 or
+   on the host), when it is that op's only consumer, is removed: the producer writes the activation's output directly,
    quantized with lo = 0 (and hi <= x), so the quantize step performs the clamp exactly.
 4. Concat / Max / Min share one scale across inputs and output: an input whose producer has
    its own scale and no other consumer takes the output's parameters; any other input is
@@ -239,7 +239,10 @@ class Planner:
             return None
         x = act.inputs[0]
         producer = x.producer() if x is not None else None
-        if producer is None or not self.runs_int8(producer) or not self.runs_int8(act):
+        # A producer on the host (a depthwise Conv past the target's group limit) absorbs it too:
+        # the quantize step after it, with lo = 0, is the clamp. One rounding instead of two, and
+        # no requantization left between it and the next int8 op.
+        if producer is None or not self.runs_int8(act):
             return None
         if not spec.rule_for(producer.op_type).absorbs_activation:
             return None

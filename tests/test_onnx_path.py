@@ -430,3 +430,43 @@ def test_rewritten_batchnorm_and_spatial_mean_are_quantized():
     torchq.unprepare(model)
     summary = npu.check(qmodel, target="warboy").summary()
     assert summary["host"] == 0, summary
+
+
+def test_relu6_after_a_host_conv_is_the_quantize_step_of_its_output():
+    """A depthwise Conv past warboy's group limit (144 > 128) runs on the host; its ReLU6 is
+    absorbed into the quantize step after it (lo = 0 is the clamp), so the graph holds no Clip and
+    no DequantizeLinear -> QuantizeLinear requantization, and the tensor is the clamped one."""
+    from onnx_backend import quantize_with_report
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.depthwise = torch.nn.Conv2d(144, 144, 3, padding=1, groups=144)
+            self.pointwise = torch.nn.Conv2d(144, 8, 1)
+
+        def forward(self, x):
+            return self.pointwise(torch.nn.functional.relu6(self.depthwise(x)))
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    xs = [torch.randn(1, 144, 6, 6) for _ in range(8)]
+    buf = io.BytesIO()
+    torch.onnx.export(model, (xs[0],), buf, dynamo=False, opset_version=17, input_names=["x"], output_names=["y"])
+    float_model = onnx.load_from_string(buf.getvalue())
+    calibrator = Calibrator(float_model, CalibrationMethod.MIN_MAX_ASYM, quiet=True)
+    calibrator.collect_data([[x.numpy()] for x in xs])
+    qmodel, report = quantize_with_report(float_model, calibrator.compute_range(), target="warboy")
+    assert_valid(qmodel)
+    assert any("groups must be <= 128" in why for why in report.float_nodes.values()), report.float_nodes
+    assert len(report.plan.absorbed) == 1, report.plan.absorbed
+    ops = [n.op_type for n in qmodel.graph.node]
+    assert "Clip" not in ops
+    producers = {o: n for n in qmodel.graph.node for o in n.output}
+    host_conv = next(n for n in qmodel.graph.node if n.op_type == "Conv" and any(a.name == "group" and a.i == 144 for a in n.attribute))
+    q_after = [n for n in qmodel.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == host_conv.output[0]]
+    assert len(q_after) == 1  # the host Conv's output is quantized once, straight into the ReLU6's grid
+    assert not [n for n in qmodel.graph.node if n.op_type == "QuantizeLinear" and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "DequantizeLinear"]
+    zero = next(numpy_helper.to_array(t) for t in qmodel.graph.initializer if t.name == q_after[0].input[2])
+    assert int(zero) == -128  # lo = 0 sits at qmin: every negative value saturates to exactly 0.0
+    with torch.no_grad():
+        assert sqnr_db(model(xs[0]).numpy(), run_onnx(qmodel, {"x": xs[0].numpy()})[0]) > 25
