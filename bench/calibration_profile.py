@@ -7,7 +7,9 @@ For each float model of the ONNX-path benchmark (bench/.cache/work/accuracy/*.fl
 `python -m bench.run --only onnx`) and its calibration samples: the Calibrator's construction
 (loading, the onnxruntime session), onnxruntime's runs with every observed tensor exposed (in
 the worker thread), the binning of their outputs (in the calling thread, overlapping the next
-run), the whole collect_data pass, and compute_range per histogram method. Median of 3 runs.
+run), the whole collect_data pass, and compute_range per histogram method; beside them, the same
+samples run through the plain float model (one intra-op thread, nothing exposed): the floor of a
+pass that has to compute every activation. Median of 3 runs.
 Prints a table and writes docs/bench/calibration_profile.md with it and this command.
 """
 
@@ -56,7 +58,19 @@ def _profile_once(model: onnx.ModelProto, feeds) -> dict[str, float]:
         cal.compute_range()
         out[name] = time.perf_counter() - t0
     out["tensors"], out["observed"] = len(cal.tensors), len(cal._observed)
+    out["plain inference"] = _plain_inference_s(model, feeds)
     return out
+
+
+def _plain_inference_s(model: onnx.ModelProto, feeds) -> float:
+    """Seconds to run `feeds` through the float model as it is (no tensor exposed), one thread."""
+    from .common import session
+
+    sess = session(model, threads=1)
+    t0 = time.perf_counter()
+    for feed in feeds:
+        sess.run(None, dict(feed))
+    return time.perf_counter() - t0
 
 
 def measure() -> list[list]:
@@ -71,14 +85,14 @@ def measure() -> list[list]:
         runs = [_profile_once(model, feeds) for _ in range(RUNS)]
         median = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
         rows.append(
-            [subject.name, f"{median['observed']:.0f} of {median['tensors']:.0f}", *(f"{median[k]:.3f}" for k in ("init", "onnxruntime runs", "binning", "collect_data")), *(f"{median[m]:.3f}" for m in METHODS)]
+            [subject.name, f"{median['observed']:.0f} of {median['tensors']:.0f}", *(f"{median[k]:.3f}" for k in ("init", "plain inference", "onnxruntime runs", "binning", "collect_data")), *(f"{median[m]:.3f}" for m in METHODS)]
         )
     if not rows:
         raise SystemExit("no float models in bench/.cache/work/accuracy: run `python -m bench.run --only onnx` first")
     return rows
 
 
-HEADER = ["model", "tensors observed (of all)", "Calibrator() s", "onnxruntime runs s", "binning s", "collect_data s", *(f"compute_range {m.lower()} s" for m in METHODS)]
+HEADER = ["model", "tensors observed (of all)", "Calibrator() s", "plain float inference s (floor)", "onnxruntime runs s", "binning s", "collect_data s", *(f"compute_range {m.lower()} s" for m in METHODS)]
 
 
 def main(argv=None) -> int:
@@ -96,6 +110,8 @@ def main(argv=None) -> int:
             f"`PYTHONPATH=$PWD python -m bench.calibration_profile` (median of {RUNS} runs; the models and samples of\n"
             "docs/BENCHMARKS.md's ONNX-path section). onnxruntime runs in a worker thread (one intra-op thread) while\n"
             "the calling thread bins the previous run's outputs, so `collect_data` is about the larger of the two.\n"
+            "'plain float inference' runs the same samples through the float model with nothing exposed (one thread):\n"
+            "what any pass that computes every activation costs.\n"
             "Tensors a Reshape/Transpose/... makes from another share its statistics and are not observed.\n\n" + text_table + "\n"
         )
         write_text_atomic(ROOT / "docs" / "bench" / "calibration_profile.md", text)

@@ -105,6 +105,7 @@ def test_calibration_profile_accounts_for_a_calibration():
     p = calibration_profile._profile_once(onnx.load_from_string(buf.getvalue()), feeds)
     assert p["observed"] < p["tensors"]  # the heads' reshapes share statistics
     assert 0 < p["onnxruntime runs"] <= p["collect_data"] and 0 < p["binning"] <= p["collect_data"]
+    assert p["plain inference"] > 0
     assert all(p[m] > 0 for m in calibration_profile.METHODS)
 
 
@@ -126,3 +127,29 @@ def test_calibration_times_take_turns_and_drop_a_failing_method():
     cal, ours_s, theirs_s = onnx_path._calibration_times(ours, theirs, ("MinMax", "Entropy"), 3)
     assert calls == ["ours", "MinMax", "Entropy", "ours", "MinMax", "ours", "MinMax"]
     assert cal == "calibrator" and ours_s >= 0 and theirs_s == {"MinMax": 1.0}
+
+
+def test_op_profile_groups_kernels_by_what_they_compute():
+    from onnx import helper
+
+    from bench import op_profile
+
+    def conv(op, group, kernel, domain=""):
+        return helper.make_node(op, ["x"], ["y"], domain=domain, group=group, kernel_shape=kernel)
+
+    assert op_profile.kernel_group(conv("Conv", 32, [3, 3], "com.microsoft.nchwc")) == "depthwise conv"
+    assert op_profile.kernel_group(conv("QLinearConv", 1, [1, 1], "com.microsoft")) == "1x1 conv"
+    assert op_profile.kernel_group(conv("QLinearConv", 1, [3, 3])) == "k x k conv"
+    assert op_profile.kernel_group(helper.make_node("QuickGelu", ["x"], ["y"], domain="com.microsoft")) == "SiLU, sigmoid, multiply"
+    assert op_profile.kernel_group(helper.make_node("Erf", ["x"], ["y"])) == "other"
+
+
+def test_op_profile_times_the_float_and_int8_kernels_of_a_model():
+    from bench import op_profile
+
+    (result,) = op_profile.measure(["digits_mobilenet"], runs=2)
+    for side in ("float", "int8"):
+        assert result[side]["depthwise conv"] > 0 and result[side]["1x1 conv"] > 0, result[side]
+    assert result["float ms"] > 0 and result["int8 ms"] > 0
+    text = op_profile.render([result])
+    assert "**digits_mobilenet**" in text and "| depthwise conv |" in text
