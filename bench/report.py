@@ -42,10 +42,20 @@ tables above come from it):
    `QGemm`; only the input Q and the output DQ remain). The latency targets above are judged on
    that model; the int8-stored model (the TFLite spec's storage, what the NPU takes) is shown
    beside it.
-4. **SiLU and squeeze-excitation multiply the problem.** `x * sigmoid(x)` reads x twice, and the
-   SE block reads its input twice (pool and multiply), so every activation of an EfficientNet-style
-   network is a branch point: nearly every conv, sigmoid and multiply stays float between Q/DQ,
-   which is why those models run several times slower in INT8 than in float here.
+4. **What is left on depthwise and SiLU networks is onnxruntime's kernels.** With uint8 storage
+   every conv, sigmoid and multiply of EfficientNet-B0 fuses into an integer kernel, and its 1x1
+   convolutions run 2.7x faster than float; but onnxruntime's integer depthwise convolutions take
+   1.75x, and its SiLU (`QLinearSigmoid` + `QLinearMul`, where float runs one fused `QuickGelu`)
+   1.7x the float kernels' time, and the two are 65 % of the INT8 model's time
+   ([bench/op_profile.md](bench/op_profile.md), `python -m bench.op_profile`). Placement cannot
+   change which kernels onnxruntime has: B0 stays near 0.8 of float while ResNet50 (dense convs
+   only) reaches 0.28. Placement did matter once: on Warboy a depthwise Conv past 128 groups runs on
+   the host, and its ReLU6 used to stay an int8 op between two quantizations (a `DequantizeLinear ->
+   QuantizeLinear` requantization in onnxruntime); it is now absorbed into the quantize step of the
+   conv's output, which is the clamp (digits_mobilenet INT8 / float 0.95 -> 0.76, same process). On
+   the int8-stored model (what the NPU takes) item 1 adds to this: `x * sigmoid(x)` and the SE block
+   read their inputs twice, so nearly every activation of an EfficientNet-style network is a branch
+   point and its consumers stay float between Q/DQ.
 5. **Transformers keep float islands in both quantizers.** LayerNormalization (and GELU, which
    onnxruntime has no integer kernel for) run in float between Q/DQ in torchq's and onnxruntime's
    models alike. torchq quantizes a Linear's output after its bias Add (the exporter emits
