@@ -156,8 +156,9 @@ def summary(results: dict) -> str:
     onnx = results.get("onnx") or {}
     rows = onnx.get("rows") or []
     if rows:
-        fid = {r.name: max(v[0] for v in r.ours.values()) >= max([v[0] for v in r.ort.values() if isinstance(v, tuple)] or [-np.inf]) for r in rows}
-        lines.append(f"| ONNX path: best fidelity (SQNR) ≥ onnxruntime's best | {_yes(all(fid.values()))} | " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in fid.items()) + " |")
+        best = {r.name: (max(v[0] for v in r.ours.values()), max([v[0] for v in r.ort.values() if isinstance(v, tuple)] or [-np.inf])) for r in rows}
+        fid = {k: ours >= theirs for k, (ours, theirs) in best.items()}
+        lines.append(f"| ONNX path: best fidelity (SQNR) ≥ onnxruntime's best | {_yes(all(fid.values()))} | " + ", ".join(f"{k} {'yes' if v else 'no'} ({best[k][0]:.2f} vs {best[k][1]:.2f} dB)" for k, v in fid.items()) + " |")
         speed = {}
         for r in rows:
             ent = getattr(r, "ort_calib_s", {}).get("Entropy")

@@ -8,8 +8,9 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
 2. Parameters come from, in order: a fixed-output op (Sigmoid/Softmax/Tanh); a same-scale op
    (the input's parameters pass through); the tensor's own calibrated range.
 3. Relu / Clip(0, x) after an op that absorbs activations (Conv, Gemm, MatMul, Add; in int8 or
-   on the host), when it is that op's only consumer, is removed: the producer writes the activation's output directly,
-   quantized with lo = 0 (and hi <= x), so the quantize step performs the clamp exactly.
+   on the host), when it is that op's only consumer, is removed: the producer writes the
+   activation's output directly, quantized with lo = 0 (and hi <= x), so the quantize step
+   performs the clamp exactly.
 4. Concat / Max / Min share one scale across inputs and output: an input whose producer has
    its own scale and no other consumer takes the output's parameters; any other input is
    requantized on that edge.
