@@ -57,8 +57,9 @@ def model_bytes(model: onnx.ModelProto | bytes | str | Path) -> bytes | str:
     return model
 
 
-def session(model, threads: int = 1, optimized_path: str | Path | None = None, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL) -> ort.InferenceSession:
-    """A CPU session; `optimized_path` writes the graph onnxruntime actually runs (after fusion)."""
+def session(model, threads: int = 1, optimized_path: str | Path | None = None, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, profile_prefix: str | Path | None = None) -> ort.InferenceSession:
+    """A CPU session; `optimized_path` writes the graph onnxruntime actually runs (after fusion);
+    `profile_prefix` turns on onnxruntime's profiler (its file: `end_profiling()`)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -67,6 +68,9 @@ def session(model, threads: int = 1, optimized_path: str | Path | None = None, l
     opts.log_severity_level = 3
     if optimized_path is not None:
         opts.optimized_model_filepath = str(optimized_path)
+    if profile_prefix is not None:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
     return ort.InferenceSession(model_bytes(model), opts, providers=["CPUExecutionProvider"])
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 
-from .common import Settings, for_onnxruntime, latency_ms, quiet, table
+from .common import Settings, for_onnxruntime, latency_ms, quiet, session, table
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = 50  # profiled runs per model
@@ -100,14 +98,9 @@ def kernel_group(node: onnx.NodeProto) -> str:
 def profile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
     """Microseconds per run spent in each kernel group, from onnxruntime's profiler."""
     with tempfile.TemporaryDirectory(prefix="torchq-op-profile-") as tmp:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
-        opts.enable_profiling = True
-        opts.profile_file_prefix = os.path.join(tmp, "profile")
-        opts.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        groups = {n.name: kernel_group(n) for n in onnx.load(opts.optimized_model_filepath).graph.node}
+        optimized = Path(tmp) / "optimized.onnx"
+        sess = session(model, 1, optimized_path=optimized, profile_prefix=Path(tmp) / "profile")
+        groups = {n.name: kernel_group(n) for n in onnx.load(str(optimized)).graph.node}
         for _ in range(runs):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
