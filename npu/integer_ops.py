@@ -187,6 +187,10 @@ def window_sums(x: np.ndarray, attrs: dict) -> tuple[np.ndarray, np.ndarray]:
 # ---- resize -------------------------------------------------------------------------------------------
 
 
+COORDINATE_MODES = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "half_pixel_symmetric")
+NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
 def source_coordinates(out_size: int, in_size: int, scale: float, mode: str) -> np.ndarray:
     """ONNX Resize coordinate_transformation_mode, computed in float32 (as onnxruntime does)."""
     x = np.arange(out_size, dtype=np.float32)
@@ -204,7 +208,7 @@ def source_coordinates(out_size: int, in_size: int, scale: float, mode: str) -> 
         center = np.float32(in_size) / np.float32(2)
         offset = center * (np.float32(1) - adjustment)
         return offset + (x + np.float32(0.5)) / scale - np.float32(0.5)
-    raise NotImplementedError(f"coordinate_transformation_mode {mode!r}")
+    raise ValueError(f"coordinate_transformation_mode {mode!r}; known: {', '.join(COORDINATE_MODES)}")
 
 
 def nearest_indices(coords: np.ndarray, in_size: int, mode: str) -> np.ndarray:
@@ -217,7 +221,7 @@ def nearest_indices(coords: np.ndarray, in_size: int, mode: str) -> np.ndarray:
     elif mode == "ceil":
         idx = np.ceil(coords)
     else:
-        raise NotImplementedError(f"nearest_mode {mode!r}")
+        raise ValueError(f"nearest_mode {mode!r}; known: {', '.join(NEAREST_MODES)}")
     return np.clip(idx.astype(np.int64), 0, in_size - 1)
 
 

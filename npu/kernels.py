@@ -393,6 +393,9 @@ def build_resize(ctx: UnitContext) -> Kernel:
         raise NoKernel(f"Resize mode {mode!r}")
     if coord == "tf_crop_and_resize" or a.get("antialias", 0) or a.get("keep_aspect_ratio_policy", "stretch") != "stretch":
         raise NoKernel("Resize with tf_crop_and_resize / antialias / keep_aspect_ratio_policy")
+    # Checked here, not when the kernel runs: an unknown mode is a host fallback, not a crash.
+    if coord not in iops.COORDINATE_MODES or (mode == "nearest" and nearest not in iops.NEAREST_MODES):
+        raise NoKernel(f"Resize coordinate_transformation_mode {coord!r} / nearest_mode {nearest!r}")
     if len(ctx.node.inputs) < 2 or ctx.qm.opset < 11:
         raise NoKernel("Resize before opset 11")
     scales_in, sizes_in = ctx.raw(2), ctx.raw(3)

@@ -171,3 +171,14 @@ def test_bilinear_resize_x2_differs_from_onnxruntime_only_at_ties():
     differ = ort != got
     assert np.abs(ort - got).max() <= 1
     np.testing.assert_array_equal(exact[differ] - np.floor(exact[differ]), 0.5)
+
+
+def test_resize_with_an_unknown_mode_falls_back_to_the_host_when_built():
+    # The mode used to be read only when the kernel ran: an unknown one raised from inside a run.
+    b = QDQBuilder()
+    x = b.quantize(b.input("x", [1, 4, 5, 5]), 0.02, 4)
+    scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
+    y = b.node("Resize", [x, "", scales], name="op", mode="nearest", nearest_mode="round_half_down")
+    b.output(b.quantize(y, 0.02, 4))
+    placement = Simulator(b.model(), None).placement["op"]
+    assert placement[0] == "host" and "nearest_mode 'round_half_down'" in placement[1], placement
