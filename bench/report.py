@@ -159,6 +159,11 @@ def summary(results: dict) -> str:
         best = {r.name: (max(v[0] for v in r.ours.values()), max([v[0] for v in r.ort.values() if isinstance(v, tuple)] or [-np.inf])) for r in rows}
         fid = {k: ours >= theirs for k, (ours, theirs) in best.items()}
         lines.append(f"| ONNX path: best fidelity (SQNR) ≥ onnxruntime's best | {_yes(all(fid.values()))} | " + ", ".join(f"{k} {'yes' if v else 'no'} ({best[k][0]:.2f} vs {best[k][1]:.2f} dB)" for k, v in fid.items()) + " |")
+        from .onnx_path import best_with_techniques
+
+        with_t = {r.name: (best_with_techniques(r), best[r.name][1]) for r in rows if best_with_techniques(r)}
+        if with_t:
+            lines.append(f"| ONNX path: best fidelity with the technique flags (attention masks, bias correction) ≥ onnxruntime's best | {_yes(all(t[1] >= theirs for t, theirs in with_t.values()))} | " + ", ".join(f"{k} {'yes' if t[1] >= theirs else 'no'} ({t[1]:.2f} vs {theirs:.2f} dB)" for k, (t, theirs) in with_t.items()) + " |")
         speed = {}
         for r in rows:
             ent = getattr(r, "ort_calib_s", {}).get("Entropy")

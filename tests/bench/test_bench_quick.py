@@ -102,3 +102,17 @@ def test_plots_and_raw_results(report):
     data = json.loads((report / "bench" / "results.json").read_text())
     assert set(data) == set(run.SECTIONS)
     assert data["accuracy"][0]["subject"] == "digits_cnn"
+
+
+def test_onnx_path_reports_the_technique_flags(report):
+    # the ONNX-path table runs the best method again through the technique pipeline, with and
+    # without bias correction, and the targets summary judges it
+    tables = _tables((report / "BENCHMARKS.md").read_text())
+    main = next(t for t in tables if "torchq best with techniques SQNR dB" in t[0])
+    column = _cells(main[0]).index("torchq best with techniques SQNR dB")
+    row = next(_cells(line) for line in main[2:] if _cells(line)[0] == "digits_cnn")
+    assert re.fullmatch(r"-?\d+\.\d \(.+\)", row[column]), row
+    variants = next(t for t in tables if _cells(t[0])[:2] == ["model", "best method"])
+    cells = next(_cells(line) for line in variants[2:] if _cells(line)[0] == "digits_cnn")
+    assert all(re.fullmatch(r"-?\d+\.\d / \d+\.\d\d / \d+\.\d", c) for c in cells[2:]), cells
+    assert "best fidelity with the technique flags" in (report / "BENCHMARKS.md").read_text()
