@@ -3,7 +3,7 @@
  *
  * Hand-written because binning is most of a calibration pass and numpy cannot do it in one pass:
  * scale, floor, convert and np.bincount (which scans for the minimum and maximum first) cost
- * 1.9-2.7 ns a value with min() and max(); this costs 0.55-0.65, its min and max included
+ * 1.9-2.9 ns a value with min() and max(); this costs 0.55-0.75, its min and max included
  * (docs/bench/binning.md, `python -m bench.binning`). numba compiled the loop as fast as gcc did
  * before its conversions were vectorized, but importing and loading it costs 0.5 s per process,
  * more than a whole calibration of a small model (bench/onnx_path.py). The numpy path in statistics.py stays as the fallback and as the
