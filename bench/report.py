@@ -161,7 +161,7 @@ def summary(results: dict) -> str:
         lines.append(f"| ONNX path: best fidelity (SQNR) ≥ onnxruntime's best | {_yes(all(fid.values()))} | " + ", ".join(f"{k} {'yes' if v else 'no'} ({best[k][0]:.2f} vs {best[k][1]:.2f} dB)" for k, v in fid.items()) + " |")
         from .onnx_path import best_with_techniques
 
-        with_t = {r.name: (best_with_techniques(r), best[r.name][1]) for r in rows if best_with_techniques(r)}
+        with_t = {r.name: (t, best[r.name][1]) for r in rows if (t := best_with_techniques(r))}
         if with_t:
             lines.append(f"| ONNX path: best fidelity with the technique flags (attention masks, bias correction) ≥ onnxruntime's best | {_yes(all(t[1] >= theirs for t, theirs in with_t.values()))} | " + ", ".join(f"{k} {'yes' if t[1] >= theirs else 'no'} ({t[1]:.2f} vs {theirs:.2f} dB)" for k, (t, theirs) in with_t.items()) + " |")
         speed = {}

@@ -151,13 +151,17 @@ def test_means_round_the_exact_average(op, axes):
     _assert_exact_rounding(got, mean / np.float64(np.float32(0.011)) - 2)
 
 
-def test_bilinear_resize_x2_differs_from_onnxruntime_only_at_ties():
+def _resize_x2(size: int, **attrs):
+    """int8 x (scale 0.02, zero point 4) of [1, 4, size, size] -> Resize x2 named "op" -> the same grid."""
     b = QDQBuilder()
-    x = b.quantize(b.input("x", [1, 4, 9, 9]), 0.02, 4)
+    x = b.quantize(b.input("x", [1, 4, size, size]), 0.02, 4)
     scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
-    y = b.node("Resize", [x, "", scales], name="op", mode="linear", coordinate_transformation_mode="half_pixel")
-    b.output(b.quantize(y, 0.02, 4))
-    model = b.model()
+    b.output(b.quantize(b.node("Resize", [x, "", scales], name="op", **attrs), 0.02, 4))
+    return b.model()
+
+
+def test_bilinear_resize_x2_differs_from_onnxruntime_only_at_ties():
+    model = _resize_x2(9, mode="linear", coordinate_transformation_mode="half_pixel")
     codes = np.random.default_rng(3).integers(-128, 128, (1, 4, 9, 9))
     feeds = {"x": _dq(codes, 0.02, 4)}
     got = _simulated(model, feeds, "op_out_q")
@@ -175,10 +179,5 @@ def test_bilinear_resize_x2_differs_from_onnxruntime_only_at_ties():
 
 def test_resize_with_an_unknown_mode_falls_back_to_the_host_when_built():
     # The mode used to be read only when the kernel ran: an unknown one raised from inside a run.
-    b = QDQBuilder()
-    x = b.quantize(b.input("x", [1, 4, 5, 5]), 0.02, 4)
-    scales = b.const("scales", np.array([1, 1, 2, 2], np.float32))
-    y = b.node("Resize", [x, "", scales], name="op", mode="nearest", nearest_mode="round_half_down")
-    b.output(b.quantize(y, 0.02, 4))
-    placement = Simulator(b.model(), None).placement["op"]
+    placement = Simulator(_resize_x2(5, mode="nearest", nearest_mode="round_half_down"), None).placement["op"]
     assert placement[0] == "host" and "nearest_mode 'round_half_down'" in placement[1], placement

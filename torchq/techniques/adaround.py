@@ -50,6 +50,10 @@ class AdaRoundReport:
         return {"layers": self.layers, "skipped": self.skipped}
 
 
+class UnsupportedLayer(ValueError):
+    """A layer whose computation LayerOp cannot rebuild in torch: AdaRound skips it and reports why."""
+
+
 class LayerOp:
     """The layer's float computation in torch, from its ONNX node."""
 
@@ -61,11 +65,11 @@ class LayerOp:
         self.trans_b = bool(a.get("transB", 0))
         if self.op == "Conv":
             if a.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
-                raise NotImplementedError(f"auto_pad={a['auto_pad']}")
+                raise UnsupportedLayer(f"auto_pad={a['auto_pad']}")
             w = const(layer.weight)
             nd = w.ndim - 2
             if nd not in (1, 2):
-                raise NotImplementedError(f"{nd}-d convolution")
+                raise UnsupportedLayer(f"{nd}-d convolution")
             pads = list(a.get("pads", [0] * (2 * nd)) or [0] * (2 * nd))
             self.nd = nd
             self.stride = list(a.get("strides", [1] * nd))
@@ -203,7 +207,7 @@ def adaround(prepared: Prepared, *, iterations: int = 1000, max_bytes: int = MAX
             continue  # a shared weight: rounded once, for its first reader
         try:
             op = LayerOp(layer, None if layer.bias is None else layer.bias_array())
-        except NotImplementedError as exc:
+        except UnsupportedLayer as exc:
             report.skipped[layer.name] = str(exc)
             continue
         qproto, _ = prepared.quantize(weight_overrides=overrides)
