@@ -20,6 +20,8 @@ histograms packed into a single int64 tensor (at most `histogram_bins` int64 per
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
 import weakref
 
@@ -130,6 +132,23 @@ def merge_statistics(model: torch.nn.Module, group=None) -> int:
     session.batches = batches
     _MERGED[session] = batches
     return batches
+
+
+@functools.cache  # registers the handler once per process
+def destroy_process_group_at_exit() -> None:
+    """Destroy the default process group at interpreter exit, while Python is still whole.
+
+    A gloo group left to interpreter finalization can abort its process ("terminate called without
+    an active exception", pytorch/pytorch#190489): its worker threads may still hold tensors whose
+    release needs the GIL. Lightning registers this cleanup for NCCL only; under `ddp_spawn` on CPU
+    a rank died with SIGABRT after fit. A group already destroyed is left alone.
+    """
+    atexit.register(_destroy_if_initialized)
+
+
+def _destroy_if_initialized() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(group=None) -> None:

@@ -276,6 +276,10 @@ class QuantizationCallback(Callback):
 
     # ---- hooks ----------------------------------------------------------------------------------
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            distributed.destroy_process_group_at_exit()  # the ranks' collectives must not abort their exit
+
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.quantize_on_fit_end and not getattr(trainer, "sanity_checking", False):
             self.quantize(trainer, pl_module)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -65,6 +67,32 @@ def test_without_a_process_group_merge_is_a_no_op():
         assert w.statistics_of(model) == before
     finally:
         torchq.unprepare(model)
+
+
+# One process: a gloo group, the callback's setup hook (twice, as fit then validate would), then
+# the exit handlers as the interpreter runs them. Lightning leaves gloo groups to finalization.
+_EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+from torchq.lightning import QuantizationCallback
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+before = atexit._ncallbacks()
+cb = QuantizationCallback(output_dir=sys.argv[2])
+cb.setup(None, None, "fit")
+cb.setup(None, None, "validate")
+registered = atexit._ncallbacks() - before
+atexit._run_exitfuncs()
+print(registered, dist.is_initialized())
+"""
+
+
+def test_the_callback_destroys_a_gloo_group_at_exit(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path / "store"), str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "False"]  # one handler, however many setups; the group is gone
 
 
 def _fit_and_quantize(tmp_path, name: str, **trainer_kw):
