@@ -34,34 +34,59 @@
    in the data's own precision (either every value is small, or all lie within a factor of two of
    `first`), so only the final, small index is converted to an integer. Values below `lower` count
    as `lower` (0 bins max(x, 0), a Relu's output, straight from its input; -inf bins x as it is).
-   Each tile's minimum and maximum are taken in the same pass over it (no separate min() and max()
-   passes over the data).
-   Returns -1, with the counts partial, at the first tile holding a value outside the bins or one
-   that is not finite (v - v is 0 only for finite v); 0 with *lo, *hi set otherwise. */
+   Mask values (|v| >= `mask`, infinities included: statistics.MASK_MAGNITUDE) are counted in
+   *n_low / *n_high and neither binned nor taken into the minimum and maximum: their index is the
+   spare slot `nbins`, which is never added into the counts. Each tile's minimum and maximum are
+   taken in the same pass over it (no separate min() and max() passes over the data).
+   Returns -1, with the counts partial, at the first tile holding NaN or a value outside the bins;
+   0 with *lo, *hi (inf, -inf if every value was a mask value) set otherwise. */
 #define COUNT_BODY(T)                                                                         \
     int32_t idx[TILE];                                                                        \
-    const T first_t = (T)first;                                                               \
-    T least = x[0] > lower ? x[0] : lower, most = least;                                      \
+    const T first_t = (T)first, inf = (T)INFINITY;                                            \
+    T least = inf, most = -inf;                                                               \
+    int64_t low = 0, high = 0;                                                                \
     for (Py_ssize_t s = 0; s < n; s += TILE) {                                                \
         const Py_ssize_t m = n - s < TILE ? n - s : TILE;                                     \
         const T *p = x + s;                                                                   \
+        T tile_least = inf, tile_most = -inf;                                                 \
         uint32_t outside = 0; /* the caller may not know the range: every tile is checked */  \
-        _Pragma("omp simd reduction(min : least) reduction(max : most) reduction(| : outside)") \
+        _Pragma("omp simd reduction(min : tile_least) reduction(max : tile_most) reduction(| : outside)") \
         for (Py_ssize_t i = 0; i < m; i++) {                                                  \
             const T u = p[i] > lower ? p[i] : lower;                                          \
-            least = u < least ? u : least;                                                    \
-            most = u > most ? u : most;                                                       \
-            outside |= (p[i] - p[i]) != 0;                                                    \
+            tile_least = u < tile_least ? u : tile_least;                                     \
+            tile_most = u > tile_most ? u : tile_most;                                        \
+            outside |= p[i] != p[i]; /* NaN */                                                \
         }                                                                                     \
-        if (underflow) {                                                                      \
-            for (Py_ssize_t i = 0; i < m; i++) {                                              \
-                const T u = p[i] > lower ? p[i] : lower, v = u * w;                           \
-                idx[i] = (int32_t)(FLOOR(v) - first_t) - ((v == 0) & (u < 0));               \
+        if (outside) return -1;                                                               \
+        if (tile_least > -mask && tile_most < mask) { /* no mask value: the tight loops */    \
+            least = tile_least < least ? tile_least : least;                                  \
+            most = tile_most > most ? tile_most : most;                                       \
+            if (underflow) {                                                                  \
+                for (Py_ssize_t i = 0; i < m; i++) {                                          \
+                    const T u = p[i] > lower ? p[i] : lower, v = u * w;                       \
+                    idx[i] = (int32_t)(FLOOR(v) - first_t) - ((v == 0) & (u < 0));           \
+                }                                                                             \
+            } else {                                                                          \
+                for (Py_ssize_t i = 0; i < m; i++) idx[i] = (int32_t)(FLOOR((p[i] > lower ? p[i] : lower) * w) - first_t); \
             }                                                                                 \
-        } else {                                                                              \
-            for (Py_ssize_t i = 0; i < m; i++) idx[i] = (int32_t)(FLOOR((p[i] > lower ? p[i] : lower) * w) - first_t); \
+            for (Py_ssize_t i = 0; i < m; i++) outside |= (uint32_t)idx[i] >= (uint32_t)nbins; \
+        } else { /* mask values to the spare slot, counted, out of the minimum and maximum */ \
+            uint32_t tile_low = 0, tile_high = 0;                                             \
+            _Pragma("omp simd reduction(min : least) reduction(max : most) reduction(| : outside) reduction(+ : tile_low, tile_high)") \
+            for (Py_ssize_t i = 0; i < m; i++) {                                              \
+                const T u = p[i] > lower ? p[i] : lower;                                      \
+                const uint32_t is_low = u <= -mask, is_high = u >= mask, masked = is_low | is_high; \
+                const T v = (masked ? (T)0 : u) * w;                                          \
+                const int32_t k = (int32_t)(FLOOR(v) - first_t) - (underflow & (v == 0) & (u < 0)); \
+                const T for_least = masked ? inf : u, for_most = masked ? -inf : u;           \
+                outside |= !masked & ((uint32_t)k >= (uint32_t)nbins);                        \
+                idx[i] = masked ? (int32_t)nbins : k;                                         \
+                tile_low += is_low, tile_high += is_high;                                     \
+                least = for_least < least ? for_least : least;                                \
+                most = for_most > most ? for_most : most;                                     \
+            }                                                                                 \
+            low += tile_low, high += tile_high;                                               \
         }                                                                                     \
-        for (Py_ssize_t i = 0; i < m; i++) outside |= (uint32_t)idx[i] >= (uint32_t)nbins;   \
         if (outside) return -1;                                                               \
         Py_ssize_t j = 0;                                                                     \
         for (; j + LANES <= m; j += LANES) {                                                  \
@@ -72,14 +97,14 @@
         }                                                                                     \
         for (; j < m; j++) lane[0][idx[j]]++;                                                 \
     }                                                                                         \
-    *lo = least, *hi = most;                                                                  \
+    *lo = least, *hi = most, *n_low = low, *n_high = high;                                    \
     return 0;
 
 #define FLOOR floorf
-CLONES static int count_f32(const float *x, Py_ssize_t n, float w, float lower, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(float) }
+CLONES static int count_f32(const float *x, Py_ssize_t n, float w, float lower, float mask, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi, int64_t *n_low, int64_t *n_high) { COUNT_BODY(float) }
 #undef FLOOR
 #define FLOOR floor
-CLONES static int count_f64(const double *x, Py_ssize_t n, double w, double lower, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi) { COUNT_BODY(double) }
+CLONES static int count_f64(const double *x, Py_ssize_t n, double w, double lower, double mask, int64_t first, int underflow, uint32_t **lane, Py_ssize_t nbins, double *lo, double *hi, int64_t *n_low, int64_t *n_high) { COUNT_BODY(double) }
 #undef FLOOR
 
 static int is_format(const Py_buffer *b, char code, Py_ssize_t itemsize) {
@@ -88,18 +113,20 @@ static int is_format(const Py_buffer *b, char code, Py_ssize_t itemsize) {
     return b->itemsize == itemsize && f[0] == code && f[1] == 0;
 }
 
-/* count(x, w, first, underflow, counts[, relu]) -> (min, max) of x, after adding its bin counts
-   to `counts`, a C-contiguous int64 array whose index 0 is bin `first`. x: a non-empty,
-   C-contiguous float32 or float64 array; with relu, max(x, 0) instead. None if a value lies
-   outside those bins or x holds one that is not finite: `counts` is then partly updated (every
-   tile is checked before it is counted), so a caller that does not know x's range passes a copy. */
+/* count(x, w, first, underflow, counts[, relu[, mask]]) -> (min, max, low, high): adds the bin
+   counts of x to `counts`, a C-contiguous int64 array whose index 0 is bin `first`, leaving out
+   mask values (|x| >= mask, default inf: the infinities only), of which `low` were negative and
+   `high` positive; min and max are those of the values counted. x: a non-empty, C-contiguous
+   float32 or float64 array; with relu, max(x, 0) instead. None if a value lies outside those bins
+   or x holds NaN: `counts` is then partly updated (every tile is checked before it is counted),
+   so a caller that does not know x's range passes a copy. */
 static PyObject *count(PyObject *self, PyObject *args) {
     PyObject *x_obj, *counts_obj;
-    double w;
+    double w, mask = INFINITY;
     long long first;
     int underflow, relu = 0, status = 0;
     Py_buffer x, out;
-    if (!PyArg_ParseTuple(args, "OdLpO|p", &x_obj, &w, &first, &underflow, &counts_obj, &relu)) return NULL;
+    if (!PyArg_ParseTuple(args, "OdLpO|pd", &x_obj, &w, &first, &underflow, &counts_obj, &relu, &mask)) return NULL;
     if (PyObject_GetBuffer(x_obj, &x, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
     if (PyObject_GetBuffer(counts_obj, &out, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | PyBUF_WRITABLE) < 0) {
         PyBuffer_Release(&x);
@@ -115,26 +142,31 @@ static PyObject *count(PyObject *self, PyObject *args) {
         return NULL;
     }
     /* Four lanes of 32-bit counters (half the cache of 64-bit ones; 10 % faster), added into
-       `counts` after every SPAN values, before any can overflow. */
-    uint32_t *scratch = calloc((size_t)LANES * (size_t)nbins, sizeof(uint32_t));
+       `counts` after every SPAN values, before any can overflow; slot nbins of each takes the
+       mask values and is never read. */
+    const Py_ssize_t slots = nbins + 1;
+    uint32_t *scratch = calloc((size_t)LANES * (size_t)slots, sizeof(uint32_t));
     if (scratch == NULL) {
         PyBuffer_Release(&x);
         PyBuffer_Release(&out);
         return PyErr_NoMemory();
     }
-    uint32_t *lane[LANES] = {scratch, scratch + nbins, scratch + 2 * nbins, scratch + 3 * nbins};
+    uint32_t *lane[LANES] = {scratch, scratch + slots, scratch + 2 * slots, scratch + 3 * slots};
     int64_t *counts = (int64_t *)out.buf;
     double lo = INFINITY, hi = -INFINITY;
+    long long low = 0, high = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t s = 0; s < n && status == 0; s += SPAN) {
         const Py_ssize_t m = n - s < SPAN ? n - s : SPAN;
         double span_lo, span_hi;
+        int64_t span_low, span_high;
         if (f32)
-            status = count_f32((const float *)x.buf + s, m, (float)w, relu ? 0.0f : -INFINITY, first, underflow, lane, nbins, &span_lo, &span_hi);
+            status = count_f32((const float *)x.buf + s, m, (float)w, relu ? 0.0f : -INFINITY, (float)mask, first, underflow, lane, nbins, &span_lo, &span_hi, &span_low, &span_high);
         else
-            status = count_f64((const double *)x.buf + s, m, w, relu ? 0.0 : -INFINITY, first, underflow, lane, nbins, &span_lo, &span_hi);
+            status = count_f64((const double *)x.buf + s, m, w, relu ? 0.0 : -INFINITY, mask, first, underflow, lane, nbins, &span_lo, &span_hi, &span_low, &span_high);
         if (status == 0) {
             lo = span_lo < lo ? span_lo : lo, hi = span_hi > hi ? span_hi : hi;
+            low += span_low, high += span_high;
             for (Py_ssize_t k = 0; k < nbins; k++) {
                 counts[k] += (int64_t)lane[0][k] + lane[1][k] + lane[2][k] + lane[3][k];
                 lane[0][k] = lane[1][k] = lane[2][k] = lane[3][k] = 0;
@@ -146,12 +178,20 @@ static PyObject *count(PyObject *self, PyObject *args) {
     PyBuffer_Release(&x);
     PyBuffer_Release(&out);
     if (status < 0) Py_RETURN_NONE;
-    return Py_BuildValue("dd", lo, hi);
+    return Py_BuildValue("ddLL", lo, hi, low, high);
 }
 
 static PyMethodDef methods[] = {
-    {"count", count, METH_VARARGS, "count(x, w, first, underflow, counts[, relu]) -> (min, max), or None if x does not fit the bins"},
+    {"count", count, METH_VARARGS, "count(x, w, first, underflow, counts[, relu[, mask]]) -> (min, max, mask values low, high), or None if x does not fit the bins or holds NaN"},
     {NULL, NULL, 0, NULL},
 };
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_binning", "Histogram binning kernel (see statistics.bin_batch).", -1, methods};
-PyMODINIT_FUNC PyInit__binning(void) { return PyModule_Create(&module); }
+/* ABI 2: count() takes `mask` and returns the mask values' counts (statistics.BINNING_ABI). */
+PyMODINIT_FUNC PyInit__binning(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -27,7 +27,7 @@ import onnxruntime as ort
 import yaml
 from tqdm import tqdm
 
-from . import model_io
+from . import masks, model_io
 from .errors import CalibrationError, ConfigError, InvalidModelError
 from .parallel import cpus
 from .range_selection import DEFAULT_PERCENTILE, Method, map_range_searches, select_range
@@ -84,21 +84,26 @@ class CalibrationMethod(IntEnum):
 
 
 class Ranges(dict):
-    """{tensor name: (min, max)} plus how they were chosen."""
+    """{tensor name: (min, max)} plus how they were chosen, and {tensor: (low, high)}: the mask
+    values (statistics.MASK_MAGNITUDE) each tensor held, left out of its range (onnx_backend.masks)."""
 
-    def __init__(self, ranges: Mapping[str, tuple[float, float]] = (), *, method: str = "unknown", percentile: float | None = None):
+    def __init__(self, ranges: Mapping[str, tuple[float, float]] = (), *, method: str = "unknown", percentile: float | None = None, mask_values: Mapping[str, tuple[int, int]] | None = None):
         super().__init__({k: (float(v[0]), float(v[1])) for k, v in dict(ranges).items()})
         self.method = method
         self.percentile = percentile
+        self.mask_values = {k: (int(v[0]), int(v[1])) for k, v in dict(mask_values or getattr(ranges, "mask_values", {})).items()}
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "format": RANGES_FORMAT,
             "version": RANGES_VERSION,
             "method": self.method,
             "percentile": self.percentile,
             "ranges": {k: [v[0], v[1]] for k, v in sorted(self.items())},
         }
+        if self.mask_values:
+            d["mask_values"] = {k: {"low": lo, "high": hi} for k, (lo, hi) in sorted(self.mask_values.items())}
+        return d
 
 
 def save_ranges(ranges: Mapping[str, tuple[float, float]], path: str | os.PathLike) -> Path:
@@ -148,7 +153,20 @@ def load_ranges(path: str | os.PathLike) -> Ranges:
             shown = reprlib.repr(pair)  # bounded: a hostile file may nest millions of values here
             raise ConfigError(f"{path}: range of tensor {name!r} must be [min, max] of finite float32 numbers with min <= max, got {shown}")
         out[name] = (float(pair[0]), float(pair[1]))
-    return Ranges(out, method=str(data.get("method", "unknown")), percentile=data.get("percentile"))
+    return Ranges(out, method=str(data.get("method", "unknown")), percentile=data.get("percentile"), mask_values=_mask_values_of(path, data.get("mask_values", {})))
+
+
+def _mask_values_of(path: Path, raw) -> dict[str, tuple[int, int]]:
+    """The optional `mask_values` of a ranges file ({tensor: {low: n, high: n}}; files written
+    before it existed have none)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'mask_values' must be a mapping of tensor name to {{low: n, high: n}}")
+    out = {}
+    for name, v in raw.items():
+        if not (isinstance(v, dict) and all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) and v.get(k) >= 0 for k in ("low", "high"))):
+            raise ConfigError(f"{path}: mask_values of tensor {name!r} must be {{low: n, high: n}} with counts >= 0, got {reprlib.repr(v)}")
+        out[name] = (v["low"], v["high"])
+    return out
 
 
 def _is_float32(x) -> bool:
@@ -449,7 +467,7 @@ class Calibrator:
                 try:
                     stats.update(value, relu=relu)
                 except NonFiniteError:
-                    raise CalibrationError(f"tensor {name!r} holds NaN or Inf on calibration {where}") from None
+                    raise CalibrationError(f"tensor {name!r} holds NaN on calibration {where}") from None
                 staged[target] = stats
 
     def compute_range(self, verbose: bool = False) -> Ranges:
@@ -461,7 +479,8 @@ class Calibrator:
         chosen = map_range_searches(lambda name: select_range(self.statistics[name], method.method, method.symmetric, percentile=self.percentage), searched, lambda _: (method.method, method.symmetric))
         ranges = dict(zip(searched, chosen))
         ranges = {name: ranges[self._aliases.get(name, name)] for name in observed}
+        ranges = masks.keep_masking(self.model, self.statistics, ranges)
         if verbose:
             for name, (lo, hi) in ranges.items():
                 print(f"{name}: [{lo:.6g}, {hi:.6g}]")
-        return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None)
+        return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None, mask_values=masks.mask_counts(self.statistics))

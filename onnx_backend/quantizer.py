@@ -26,6 +26,9 @@ class QuantizationReport:
     plan: QuantPlan
     float_tensors: dict[str, str] = field(default_factory=dict)
     float_nodes: dict[str, str] = field(default_factory=dict)
+    # {tensor: (low, high)}: mask values (-inf/+inf, finfo.min/max) left out of the tensor's range
+    # on the calibration data; in int8 they saturate to the range's ends (onnx_backend.masks)
+    mask_values: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -34,6 +37,7 @@ class QuantizationReport:
             "float_nodes": dict(sorted(self.float_nodes.items())),
             "absorbed_activations": sorted(self.plan.absorbed),
             "requantized_edges": [f"{n}[{i}]" for n, i, _ in self.plan.requantize],
+            "mask_values": {t: {"low": lo, "high": hi, "quantized": t in self.plan.activations} for t, (lo, hi) in sorted(self.mask_values.items())},
         }
 
     def describe(self) -> str:
@@ -43,6 +47,9 @@ class QuantizationReport:
             lines.append(f"  float tensor {name}: {why}")
         for name, why in sorted(self.float_nodes.items()):
             lines.append(f"  float node   {name}: {why}")
+        for name, (low, high) in sorted(self.mask_values.items()):
+            where = "saturate to the ends of its int8 range" if name in self.plan.activations else "the tensor stays float"
+            lines.append(f"  mask values  {name}: {low} low, {high} high (+-inf, finfo.min/max) left out of its range; {where}")
         return "\n".join(lines)
 
 
@@ -129,7 +136,7 @@ def quantize_with_report(
     except Exception as exc:
         _check_input(model, opset, optimize)
         raise RuntimeError(f"the quantized model does not pass onnx.checker: {exc}") from exc  # a torchq bug
-    return proto, QuantizationReport(plan, dict(plan.float_tensors), dict(plan.float_nodes))
+    return proto, QuantizationReport(plan, dict(plan.float_tensors), dict(plan.float_nodes), dict(getattr(ranges, "mask_values", {})))
 
 
 def _first_line(exc: BaseException) -> str:

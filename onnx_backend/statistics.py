@@ -10,11 +10,18 @@ bin k covers [k * 2**e, (k + 1) * 2**e). Widths are powers of two and edges are 
   result does not depend on the order of the batches or on how the data was sharded across ranks;
 * |x| is a fold of the same bins around 0, which the symmetric methods use.
 
+Mask values -- -inf, +inf and magnitudes of at least MASK_MAGNITUDE (float32's finfo.min and
+finfo.max, scaled down by up to 2**-8: how padded attention masks reach the tensors) -- are
+counted (`mask_low`, `mask_high`) and left out of min, max, count and histogram: they are
+padding, not a distribution, and a range that held them would give every other value the same
+code. NaN is an error. docs/METHODS.md says why this boundary and what INT8 does with them.
+
 Memory is O(max_bins), whatever the number of samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -27,8 +34,13 @@ MIN_EXPONENT = -100
 RESOLUTION_BITS = 40
 
 
+# |x| >= this (or infinite) is a mask value: 2**8 below float32's largest finite magnitude, so
+# finfo.min survives a scaling by 1/sqrt(head dim) (or any factor down to 1/256) and still counts.
+MASK_MAGNITUDE = 2.0**120
+
+
 class NonFiniteError(ValueError):
-    """Calibration data holds NaN or Inf."""
+    """Calibration data holds NaN."""
 
 
 def bin_of(v: float, exponent: int) -> int:
@@ -78,11 +90,19 @@ try:  # the compiled kernel (setup.py); numpy below when it was not built
     from . import _binning
 except ImportError:  # pragma: no cover - depends on the install
     _binning = None
+# The interface count() must have; a kernel built from an older _binning.c is not used.
+BINNING_ABI = 2
+if _binning is not None and getattr(_binning, "ABI", 1) != BINNING_ABI:  # pragma: no cover - a stale build
+    import warnings
+
+    warnings.warn(f"{_binning.__file__} was built from an older _binning.c; binning in numpy (slower) until `python setup.py build_ext --inplace` rebuilds it", stacklevel=2)
+    _binning = None
 
 
 def bin_batch(x: np.ndarray, exponent: int, lo: float | None = None, hi: float | None = None) -> tuple[np.ndarray, int]:
-    """Counts of the 1-D float32/float64 array x in bins of width 2**exponent, and the index of the
-    first bin (lo, hi: x's minimum and maximum, when the caller knows them)."""
+    """Counts of the 1-D float32/float64 array x (no mask value in it) in bins of width
+    2**exponent, and the index of the first bin (lo, hi: x's minimum and maximum, when the caller
+    knows them)."""
     first = bin_of(float(x.min()) if lo is None else lo, exponent)
     last = bin_of(float(x.max()) if hi is None else hi, exponent)
     if _binning is None:
@@ -93,12 +113,13 @@ def bin_batch(x: np.ndarray, exponent: int, lo: float | None = None, hi: float |
     return counts, first
 
 
-def _count_into(counts: np.ndarray, x: np.ndarray, exponent: int, first: int, relu: bool = False) -> tuple[float, float] | None:
+def _count_into(counts: np.ndarray, x: np.ndarray, exponent: int, first: int, relu: bool = False) -> tuple[float, float, int, int] | None:
     """Add the bin counts of x (of max(x, 0) with `relu`) to `counts` (whose index 0 is bin
-    `first`) with the compiled kernel, and return their (min, max); None, with `counts` partly
-    updated, if a value lies outside those bins or x holds one that is not finite."""
+    `first`) with the compiled kernel, leaving mask values out, and return (min, max) of the
+    values counted and the numbers of low and high mask values; None, with `counts` partly
+    updated, if a value lies outside those bins or x holds NaN."""
     native = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))  # what the kernel reads
-    return _binning.count(native, math.ldexp(1.0, -exponent), first, exponent > 0, counts, relu)
+    return _binning.count(native, math.ldexp(1.0, -exponent), first, exponent > 0, counts, relu, MASK_MAGNITUDE)
 
 
 # Elements binned at a time: the temporaries stay in the cache, 1.7x faster than whole-array
@@ -130,21 +151,45 @@ def bin_batch_numpy(x: np.ndarray, exponent: int, first: int, last: int) -> np.n
     return counts
 
 
+def split_mask_values(x: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """x without its mask values, and how many were <= -MASK_MAGNITUDE and >= MASK_MAGNITUDE.
+    Raises NonFiniteError if x holds NaN."""
+    if np.isnan(x.min()):  # NaN propagates through min (one pass; the mask test needs two)
+        raise NonFiniteError("NaN in calibration data")
+    low, high = x <= -MASK_MAGNITUDE, x >= MASK_MAGNITUDE
+    n_low, n_high = int(np.count_nonzero(low)), int(np.count_nonzero(high))
+    return (x[~(low | high)] if n_low or n_high else x), n_low, n_high
+
+
 @dataclass
 class TensorStatistics:
-    """Min, max, element count and a zero-aligned power-of-two histogram of one tensor."""
+    """Min, max, element count and a zero-aligned power-of-two histogram of one tensor, and how
+    many mask values were left out of them (see the module docstring)."""
 
     max_bins: int = DEFAULT_BINS
     min: float = math.inf
     max: float = -math.inf
-    count: int = 0
+    count: int = 0  # values in the histogram: mask values are not
     exponent: int = MIN_EXPONENT
     offset: int = 0
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    mask_low: int = 0  # -inf and values <= -MASK_MAGNITUDE, left out
+    mask_high: int = 0  # +inf and values >= MASK_MAGNITUDE, left out
 
     @property
     def empty(self) -> bool:
+        """No value to choose a range from (mask values, if any, are not)."""
         return self.count == 0
+
+    @property
+    def masked(self) -> int:
+        """Mask values left out of the statistics."""
+        return self.mask_low + self.mask_high
+
+    @property
+    def observed(self) -> bool:
+        """Any value at all was seen, mask values included."""
+        return self.count > 0 or self.masked > 0
 
     @property
     def bin_width(self) -> float:
@@ -166,7 +211,8 @@ class TensorStatistics:
 
     def update(self, x: np.ndarray, *, relu: bool = False) -> None:
         """Fold a batch into the statistics (of max(x, 0) with `relu`: a Relu's output, from its
-        input, without the Relu's own copy of the values). Raises NonFiniteError on NaN/Inf."""
+        input, without the Relu's own copy of the values). Mask values are counted and left out.
+        Raises NonFiniteError on NaN, with nothing changed."""
         x = np.asarray(x)
         if x.size == 0:
             return
@@ -176,63 +222,79 @@ class TensorStatistics:
         if relu:
             x = np.maximum(x, x.dtype.type(0))  # NaN stays NaN
         lo, hi = float(x.min()), float(x.max())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise NonFiniteError("NaN or Inf in calibration data")
+        mask_low = mask_high = 0
+        if not (-MASK_MAGNITUDE < lo and hi < MASK_MAGNITUDE):  # NaN fails both comparisons
+            x, mask_low, mask_high = split_mask_values(x)
+            if x.size == 0:
+                # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
+                self.mask_low, self.mask_high = self.mask_low + mask_low, self.mask_high + mask_high
+                return
+            lo, hi = float(x.min()), float(x.max())
         e = required_exponent(min(lo, self.min), max(hi, self.max), self.max_bins)
         counts, first = bin_batch(x, e, lo, hi)
-        self.add_counts(lo, hi, x.size, counts, first, e)
+        self.add_counts(lo, hi, x.size, counts, first, e, mask_low=mask_low, mask_high=mask_high)
 
     def _counted_in_current_bins(self, x: np.ndarray, relu: bool) -> bool:
         """The common case after the first batches, in one pass over x: the batch lies in the
         current bins and the wider range requires the current exponent (it almost always does: the
         range grew within the same end bins), so the first bin stays too and the compiled kernel
-        counts the batch straight into a copy of the counts, taking its min and max on the way --
-        exactly what the general path of `update` gives, without its re-binning. False, with
-        nothing changed, otherwise (a value beyond the bins, NaN or Inf: the general path)."""
+        counts the batch straight into a copy of the counts, taking its min and max and counting
+        its mask values on the way -- exactly what the general path of `update` gives, without its
+        re-binning. False, with nothing changed, otherwise (a value beyond the bins, NaN: the
+        general path)."""
         if _binning is None or self.empty:
             return False
         counts = self.counts.copy()  # never written into: see add_counts
-        extremes = _count_into(counts, x, self.exponent, self.offset, relu)
-        if extremes is None:
+        counted = _count_into(counts, x, self.exponent, self.offset, relu)
+        if counted is None:
             return False
-        lo, hi = min(extremes[0], self.min), max(extremes[1], self.max)
+        batch_lo, batch_hi, mask_low, mask_high = counted  # (inf, -inf) if every value is a mask value
+        lo, hi = min(batch_lo, self.min), max(batch_hi, self.max)
         # A range grown across a power of two may need coarser bins (RESOLUTION_BITS).
         if (lo, hi) != (self.min, self.max) and required_exponent(lo, hi, self.max_bins) != self.exponent:
             return False
+        n = x.size - mask_low - mask_high
         # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
-        self.counts, self.min, self.max, self.count = counts, lo, hi, self.count + x.size
+        self.counts, self.min, self.max, self.count, self.mask_low, self.mask_high = counts, lo, hi, self.count + n, self.mask_low + mask_low, self.mask_high + mask_high
         return True
 
-    def add_counts(self, lo: float, hi: float, n: int, counts: np.ndarray, first: int, exponent: int) -> None:
-        """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`.
+    def add_counts(self, lo: float, hi: float, n: int, counts: np.ndarray, first: int, exponent: int, *, mask_low: int = 0, mask_high: int = 0) -> None:
+        """Merge `n` elements spanning [lo, hi], already binned at `exponent` from bin `first`,
+        and `mask_low` + `mask_high` mask values left out of them.
 
         Builds a new counts array and never writes into the current one, so a shallow copy
         (sharing_counts) of these statistics can be updated without touching the original.
         """
+        if n == 0:
+            # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
+            self.mask_low, self.mask_high = self.mask_low + mask_low, self.mask_high + mask_high
+            return
         new_lo, new_hi = min(lo, self.min), max(hi, self.max)
         e, offset, total = self._widened(new_lo, new_hi)
         counts, first = coarsen(np.asarray(counts, dtype=np.int64), first, e - exponent)
         start = first - offset
         total[start : start + counts.size] += counts
         # One statement, no call in it: a KeyboardInterrupt leaves the old state or the new one.
-        self.exponent, self.offset, self.counts, self.min, self.max, self.count = e, offset, total, new_lo, new_hi, self.count + n
+        self.exponent, self.offset, self.counts, self.min, self.max, self.count, self.mask_low, self.mask_high = (
+            e, offset, total, new_lo, new_hi, self.count + n, self.mask_low + mask_low, self.mask_high + mask_high
+        )
 
     def merge(self, other: TensorStatistics) -> TensorStatistics:
         """Fold another statistics object of the same tensor into this one (exact)."""
-        if other.empty:
+        if not other.observed:
             return self
         if self.max_bins != other.max_bins:
             raise ValueError(f"cannot merge histograms of {self.max_bins} and {other.max_bins} bins")
-        self.add_counts(other.min, other.max, other.count, other.counts, other.offset, other.exponent)
+        self.add_counts(other.min, other.max, other.count, other.counts, other.offset, other.exponent, mask_low=other.mask_low, mask_high=other.mask_high)
         return self
 
     def copy(self) -> TensorStatistics:
-        return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts.copy())
+        return dataclasses.replace(self, counts=self.counts.copy())
 
     def sharing_counts(self) -> TensorStatistics:
         """A copy that shares the counts array, which update() never writes into: updating it
         leaves this object as it is."""
-        return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts)
+        return dataclasses.replace(self)
 
     def folded_abs(self) -> tuple[np.ndarray, float]:
         """Histogram of |x| on bins [k w, (k+1) w), k >= 0, covering [0, max |x|].
@@ -250,7 +312,9 @@ class TensorStatistics:
         return out, math.ldexp(1.0, e)
 
     def to_dict(self) -> dict:
-        """Plain-JSON form; `counts` is stored sparsely as [first_nonzero, run...]."""
+        """Plain-JSON form; `counts` is stored sparsely as [first_nonzero, run...]. `min` and
+        `max` are inf and -inf while nothing but mask values was seen (json writes them as
+        Infinity)."""
         nz = np.flatnonzero(self.counts)
         start = int(nz[0]) if nz.size else 0
         stop = int(nz[-1]) + 1 if nz.size else 0
@@ -262,8 +326,14 @@ class TensorStatistics:
             "exponent": self.exponent,
             "offset": self.offset + start,
             "counts": self.counts[start:stop].tolist(),
+            "mask_low": self.mask_low,
+            "mask_high": self.mask_high,
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> TensorStatistics:
-        return cls(int(d["max_bins"]), float(d["min"]), float(d["max"]), int(d["count"]), int(d["exponent"]), int(d["offset"]), np.asarray(d["counts"], dtype=np.int64))
+        """The inverse of to_dict; a dict written before mask values were counted has none."""
+        return cls(
+            int(d["max_bins"]), float(d["min"]), float(d["max"]), int(d["count"]), int(d["exponent"]), int(d["offset"]), np.asarray(d["counts"], dtype=np.int64),
+            int(d.get("mask_low", 0)), int(d.get("mask_high", 0)),
+        )

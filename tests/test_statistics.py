@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from onnx_backend import statistics
-from onnx_backend.statistics import NonFiniteError, TensorStatistics, bin_batch, bin_batch_numpy, bin_of, required_exponent
+from onnx_backend.statistics import MASK_MAGNITUDE, NonFiniteError, TensorStatistics, bin_batch, bin_batch_numpy, bin_of, required_exponent
 from torchq.observer import Observer
 
 
@@ -17,7 +17,7 @@ def _stats(*batches, bins=4096):
 
 
 def assert_same_statistics(a: TensorStatistics, b: TensorStatistics):
-    assert (a.min, a.max, a.count, a.exponent, a.offset) == (b.min, b.max, b.count, b.exponent, b.offset)
+    assert (a.min, a.max, a.count, a.exponent, a.offset, a.mask_low, a.mask_high) == (b.min, b.max, b.count, b.exponent, b.offset, b.mask_low, b.mask_high)
     np.testing.assert_array_equal(a.counts, b.counts)
 
 
@@ -52,22 +52,91 @@ def test_constant_and_zero_tensors():
     assert z.counts.tolist() == [5]
 
 
-def test_non_finite_is_an_error():
+def test_nan_is_an_error():
     with pytest.raises(NonFiniteError):
         _stats(np.array([1.0, np.nan]))
     with pytest.raises(NonFiniteError):
-        _stats(np.array([np.inf]))
+        _stats(np.array([-np.inf, np.nan]))  # a mask value beside it does not hide it
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_in_a_later_batch_is_an_error_and_changes_nothing(rng, bad):
+@pytest.mark.parametrize("binning", ["compiled kernel", "numpy"])
+def test_nan_in_a_later_batch_is_an_error_and_changes_nothing(rng, monkeypatch, binning):
+    if binning == "numpy":
+        monkeypatch.setattr(statistics, "_binning", None)
     s = _stats(rng.normal(size=1000))
     before = s.copy()
-    batch = rng.normal(size=100) * 0.1  # inside the current bins: the kernel's in-place path
-    batch[37] = bad
-    with pytest.raises(NonFiniteError):
-        s.update(batch)
-    assert_same_statistics(s, before)
+    for where in (37, 9000):  # inside the current bins (the kernel's in-place path), in a later tile
+        batch = rng.normal(size=10_000) * 0.1
+        batch[where], batch[5] = np.nan, -np.inf
+        with pytest.raises(NonFiniteError):
+            s.update(batch)
+        assert_same_statistics(s, before)
+
+
+FMIN = np.finfo(np.float32).min
+
+
+def _masked_batches(rng) -> list[np.ndarray]:
+    """Padded-attention-like float32 batches: -inf, finfo.min (also scaled by 1/8, as before a
+    softmax), +inf, and a batch of nothing but mask values first and in the middle."""
+    out = [np.full(64, -np.inf, np.float32)]
+    for k in range(5):
+        b = rng.normal(size=6000).astype(np.float32) * (1 + 3 * k)
+        b[rng.integers(0, b.size, 300)] = -np.inf
+        b[rng.integers(0, b.size, 80)] = FMIN
+        b[rng.integers(0, b.size, 40)] = FMIN * np.float32(0.125)
+        b[rng.integers(0, b.size, 20)] = np.inf
+        out.append(b)
+        if k == 2:
+            out.append(np.float32([FMIN, np.inf, -np.inf]))
+    return out
+
+
+@pytest.mark.parametrize("path", ["compiled kernel", "numpy", "observer, CPU tensors", "observer, torch ops (other devices)"])
+def test_mask_values_are_counted_and_left_out(rng, monkeypatch, path):
+    batches = _masked_batches(rng)
+    kept = np.concatenate([b[np.abs(b) < MASK_MAGNITUDE] for b in batches])
+    want = _stats(kept)
+    want.mask_low = sum(int(np.count_nonzero(b <= -MASK_MAGNITUDE)) for b in batches)
+    want.mask_high = sum(int(np.count_nonzero(b >= MASK_MAGNITUDE)) for b in batches)
+    assert want.mask_low > 1000 and want.mask_high > 50 and np.isfinite(want.min) and want.max < 100
+    if path in ("numpy", "observer, torch ops (other devices)"):
+        monkeypatch.setattr(statistics, "_binning", None)
+    if path.startswith("observer"):
+        obs = Observer("k", 4096)
+        for b in batches:
+            obs.update(torch.from_numpy(b))
+        got = obs.to_statistics()
+    else:
+        got = _stats(*batches)
+    assert_same_statistics(got, want)
+
+
+def test_only_mask_values_give_no_range_but_are_counted():
+    s = _stats(np.float32([-np.inf, FMIN]), np.float32([np.inf]))
+    assert s.empty and s.observed and (s.mask_low, s.mask_high, s.count) == (2, 1, 0)
+    obs = Observer("k", 4096)
+    obs.update(torch.tensor([-np.inf, np.inf]))
+    assert obs.empty and obs.observed and (obs.mask_low, obs.mask_high) == (1, 1)
+
+
+def test_values_below_the_mask_magnitude_are_data():
+    x = np.float32([-1e9, -1e4, 1e30, -1e36, 0.5])  # additive masks of -1e4 / -1e9 are data here
+    s = _stats(x)
+    assert (s.min, s.max, s.count, s.masked) == (float(x.min()), float(x.max()), 5, 0)
+
+
+def test_mask_counts_merge_and_round_trip(rng):
+    batches = _masked_batches(rng)
+    whole = _stats(*batches)
+    halves = _stats(*batches[:3]).merge(_stats(*batches[3:]))
+    assert_same_statistics(halves, whole)
+    assert_same_statistics(TensorStatistics().merge(_stats(batches[0])), _stats(batches[0]))  # mask values only
+    assert_same_statistics(TensorStatistics.from_dict(whole.to_dict()), whole)
+    old = whole.to_dict()
+    del old["mask_low"], old["mask_high"]  # a file written before mask values were counted
+    loaded = TensorStatistics.from_dict(old)
+    assert loaded.masked == 0 and (loaded.min, loaded.max, loaded.count) == (whole.min, whole.max, whole.count)
 
 
 @pytest.mark.parametrize("binning", ["compiled kernel", "numpy"])
@@ -159,12 +228,24 @@ def test_binning_kernels_count_every_value_in_its_bin(rng, case):
     native = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")).ravel()
     np.testing.assert_array_equal(bin_batch_numpy(native, e, bin_of(lo, e), bin_of(hi, e)), want)
     if statistics._binning is not None:  # the kernel's own min and max, taken while it counts
-        assert statistics._count_into(np.zeros_like(counts), native, e, first) == (lo, hi)
+        assert statistics._count_into(np.zeros_like(counts), native, e, first) == (lo, hi, 0, 0)
 
 
 @pytest.mark.skipif(statistics._binning is None, reason="the compiled kernel is not built (test_compiled_binning_kernel_is_built says so)")
-@pytest.mark.parametrize("x", [np.float32([0.5, 3.5]), np.float32([0.5, np.nan]), np.float64([0.5, np.inf]), np.float64([-0.5])], ids=["above", "NaN", "Inf", "below"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_binning_kernel_counts_mask_values_apart(dtype):
+    x = np.array([0.5, -np.inf, 2.5, FMIN, np.inf, -MASK_MAGNITUDE, MASK_MAGNITUDE, 1.5], dtype)
+    counts = np.zeros(3, dtype=np.int64)  # bins 0, 1, 2: every finite value below 2**120 fits
+    assert statistics._binning.count(x, 1.0, 0, False, counts, False, MASK_MAGNITUDE) == (0.5, 2.5, 3, 2)
+    assert counts.tolist() == [1, 1, 1]
+    relu = np.zeros(3, dtype=np.int64)  # max(-inf, 0) is 0, a value; +inf stays a mask value
+    assert statistics._binning.count(x, 1.0, 0, False, relu, True, MASK_MAGNITUDE) == (0.0, 2.5, 0, 2)
+    assert relu.tolist() == [4, 1, 1]
+
+
+@pytest.mark.skipif(statistics._binning is None, reason="the compiled kernel is not built (test_compiled_binning_kernel_is_built says so)")
+@pytest.mark.parametrize("x", [np.float32([0.5, 3.5]), np.float32([0.5, np.nan]), np.float64([0.5, 1e30]), np.float64([-0.5])], ids=["above", "NaN", "large but not a mask value", "below"])
 def test_binning_kernel_refuses_values_outside_its_bins(x):
     counts = np.zeros(3, dtype=np.int64)  # bins 0, 1, 2
-    assert statistics._binning.count(x, 1.0, 0, False, counts) is None
+    assert statistics._binning.count(x, 1.0, 0, False, counts, False, MASK_MAGNITUDE) is None
     assert counts.sum() == 0  # each tile is checked before it is counted: this one-tile batch left none

@@ -254,7 +254,7 @@ class CaptureSession:
         try:
             obs.update(tensor)
         except NonFiniteError:
-            raise CalibrationError(f"NaN or Inf in tensor {key!r} (module {key.rsplit(':', 1)[0]!r}) on calibration batch {self.batches}") from None
+            raise CalibrationError(f"NaN in tensor {key!r} (module {key.rsplit(':', 1)[0]!r}) on calibration batch {self.batches}") from None
         return tensor
 
     @contextlib.contextmanager

@@ -14,8 +14,9 @@ merge every rank holds, for every tensor, the min, max, count and histogram a si
 would have built from all the data, bit for bit; ranges chosen from them are identical.
 
 Collectives per call, whatever the number of tensors: one all_gather_object (the union of the
-observed keys), three all_reduce (MIN, MAX and SUM of the scalars) and one SUM all_reduce of all
-histograms packed into a single int64 tensor (at most `histogram_bins` int64 per tensor).
+observed keys), three all_reduce (MIN, MAX and SUM of the scalars: counts, mask values left out,
+batches) and one SUM all_reduce of all histograms packed into a single int64 tensor (at most
+`histogram_bins` int64 per tensor).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from onnx_backend.errors import CalibrationError
-from onnx_backend.statistics import TensorStatistics, coarsen, realign, required_exponent
+from onnx_backend.statistics import MIN_EXPONENT, TensorStatistics, coarsen, realign, required_exponent
 
 from .observer import Observer
 from .prepare import session_of
@@ -73,7 +74,7 @@ def merge_statistics(model: torch.nn.Module, group=None) -> int:
         raise CalibrationError("calibration batches ran after merge_statistics; merge once, after the last calibration batch")
     device = _device(group)
     # 1. the union of the observed keys (a rank may not have seen a key: data-dependent branches)
-    local = {key: obs.ndim for key, obs in session.observers.items() if not obs.empty}
+    local = {key: obs.ndim for key, obs in session.observers.items() if obs.observed}
     gathered: list[dict] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
     dist.all_gather_object(gathered, (local, session.max_bins), group=group)
     bins = {b for _, b in gathered}
@@ -91,18 +92,21 @@ def merge_statistics(model: torch.nn.Module, group=None) -> int:
     # 2. global min, max, count, and the finest exponent any rank used (the merged one is never finer)
     lo = torch.tensor([s.min for s in stats], dtype=torch.float64, device=device)  # empty: +inf
     hi = torch.tensor([s.max for s in stats], dtype=torch.float64, device=device)  # empty: -inf
-    scalars = torch.tensor([[s.count for s in stats], [session.batches] + [0] * (len(stats) - 1)], dtype=torch.int64, device=device)
+    scalars = torch.tensor([[s.count for s in stats], [s.mask_low for s in stats], [s.mask_high for s in stats], [session.batches] + [0] * (len(stats) - 1)], dtype=torch.int64, device=device)
     exps = torch.tensor([s.exponent if not s.empty else -(2**40) for s in stats], dtype=torch.int64, device=device)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(exps, op=dist.ReduceOp.MAX, group=group)
     dist.all_reduce(scalars, op=dist.ReduceOp.SUM, group=group)
-    lo, hi, exps, counts = lo.tolist(), hi.tolist(), exps.tolist(), scalars[0].tolist()
-    batches = int(scalars[1, 0])
+    lo, hi, exps, counts, mask_low, mask_high = lo.tolist(), hi.tolist(), exps.tolist(), scalars[0].tolist(), scalars[1].tolist(), scalars[2].tolist()
+    batches = int(scalars[3, 0])
 
     # 3. every rank re-bins to the common geometry; one SUM of all histograms packed together
     layout = []
     for i, s in enumerate(stats):
+        if counts[i] == 0:  # nothing but mask values on every rank: no histogram
+            layout.append((MIN_EXPONENT, 0, 0))
+            continue
         e = max(required_exponent(lo[i], hi[i], session.max_bins), exps[i])
         w = math.ldexp(1.0, -e)
         first, last = math.floor(lo[i] * w), math.floor(hi[i] * w)
@@ -121,7 +125,7 @@ def merge_statistics(model: torch.nn.Module, group=None) -> int:
     # 4. load the merged statistics into every rank's observers
     start = 0
     for i, (key, (e, first, n)) in enumerate(zip(keys, layout)):
-        merged = TensorStatistics(session.max_bins, lo[i], hi[i], counts[i], e, first, total[start : start + n].copy())
+        merged = TensorStatistics(session.max_bins, lo[i], hi[i], counts[i], e, first, total[start : start + n].copy(), mask_low[i], mask_high[i])
         start += n
         obs = session.observers.get(key)
         if obs is None:

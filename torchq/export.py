@@ -16,7 +16,7 @@ import onnx_ir as ir
 import torch
 from onnxscript.values import Opset
 
-from onnx_backend import markers
+from onnx_backend import markers, masks
 from onnx_backend.calibrator import Ranges, save_ranges
 from onnx_backend.errors import CalibrationError, ConfigError, TorchqError
 from onnx_backend.model_io import save_model, write_text_atomic
@@ -271,7 +271,7 @@ def statistics_by_tensor(bindings: Mapping[str, list[str]], observers: Mapping, 
     for tensor, keys in bindings.items():
         for key in keys:
             obs = None if key in skip else observers.get(key)
-            if obs is not None and not obs.empty:
+            if obs is not None and obs.observed:
                 stats[tensor] = obs.to_statistics()
                 source[tensor] = key
                 break
@@ -279,7 +279,9 @@ def statistics_by_tensor(bindings: Mapping[str, list[str]], observers: Mapping, 
 
 
 def choose_ranges(stats: Mapping[str, TensorStatistics], source: Mapping[str, str], config: QuantConfig) -> tuple[dict, set[str]]:
-    """Ranges by each tensor's module settings, and the tensors whose modules stay float."""
+    """Ranges by each tensor's module settings, and the tensors whose modules stay float (a
+    tensor that held nothing but mask values gets no range)."""
+    stats = {tensor: st for tensor, st in stats.items() if not st.empty}
     settings = {tensor: config.settings_for(_module_of(source[tensor])) for tensor in stats}
     float_tensors = {tensor for tensor, s in settings.items() if s["float"]}
     method = {tensor: "mse" if s["method"] == "auto" else s["method"] for tensor, s in settings.items()}  # auto is chosen by the technique pipeline
@@ -298,7 +300,7 @@ class _Calibrated:
 
     model: ir.Model | None  # released once serialized, to keep one float model in memory
     bindings: dict[str, list[str]]
-    ranges: dict[str, tuple[float, float]]
+    ranges: Ranges
     float_tensors: set[str]
     mismatched: set[str]
 
@@ -315,6 +317,7 @@ def _export_and_bind(model, example_inputs, kwargs, dynamo, export_options) -> _
     bindings = markers.strip_markers(ir_model)
     stats, source = statistics_by_tensor(bindings, session.observers, skip=session.mismatched)
     ranges, float_tensors = choose_ranges(stats, source, config)
+    ranges = Ranges(masks.keep_masking(ir_model, stats, ranges), mask_values=masks.mask_counts(stats))
     return _Calibrated(ir_model, bindings, ranges, float_tensors, set(session.mismatched))
 
 
@@ -336,7 +339,7 @@ def export_float(
     _, config = session_of(model)
     c = _export_and_bind(model, example_inputs, kwargs, dynamo, export_options)
     proto = ir.serde.serialize_model(c.model)
-    ranges = Ranges(c.ranges, method=f"{config.method}_{'sym' if config.symmetric else 'asym'}", percentile=config.percentile)
+    ranges = Ranges(c.ranges, method=f"{config.method}_{'sym' if config.symmetric else 'asym'}", percentile=config.percentile, mask_values=c.ranges.mask_values)
     if path is not None:
         save_model(proto, path)
     if ranges_path is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from onnx_backend import statistics
-from onnx_backend.statistics import NonFiniteError, TensorStatistics, bin_of, required_exponent
+from onnx_backend.statistics import MASK_MAGNITUDE, NonFiniteError, TensorStatistics, bin_of, required_exponent
 
 
 class Observer:
@@ -28,6 +28,8 @@ class Observer:
         self.exponent = 0
         self.offset = 0
         self.counts: torch.Tensor | None = None  # int64, on the observed tensor's device
+        self.mask_low = 0  # mask values left out (onnx_backend.statistics.MASK_MAGNITUDE)
+        self.mask_high = 0
         self.ndim: int | None = None  # rank of the observed tensor, to catch key mix-ups at export
 
     @property
@@ -47,15 +49,20 @@ class Observer:
         if x.device.type == "cpu" and statistics._binning is not None:
             self._update_on_host(x, ndim)
             return
-        lo, hi = (float(v) for v in torch.stack(torch.aminmax(x)).tolist())
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise NonFiniteError(self.key)
-        new_lo, new_hi, n = min(lo, self.min), max(hi, self.max), x.numel()
+        flat = x.reshape(-1)
+        lo, hi = (float(v) for v in torch.stack(torch.aminmax(flat)).tolist())
+        mask_low = mask_high = 0
+        if not (-MASK_MAGNITUDE < lo and hi < MASK_MAGNITUDE):  # NaN fails both comparisons
+            flat, mask_low, mask_high = self._split_mask_values(flat, lo, hi)
+            if flat.numel() == 0:
+                self.mask_low, self.mask_high, self.ndim = self.mask_low + mask_low, self.mask_high + mask_high, ndim
+                return
+            lo, hi = (float(v) for v in torch.stack(torch.aminmax(flat)).tolist())
+        new_lo, new_hi, n = min(lo, self.min), max(hi, self.max), flat.numel()
         e = required_exponent(new_lo, new_hi, self.max_bins)
         first, last = bin_of(new_lo, e), bin_of(new_hi, e)
         # Scaling by a power of two is exact (unless it underflows), so these are the numpy
         # path's bin indices (onnx_backend.statistics.bin_batch, with the same underflow fix).
-        flat = x.reshape(-1)
         scaled = flat * math.ldexp(1.0, -e)
         index = torch.floor(scaled).to(torch.int64)
         if e > 0:
@@ -64,7 +71,17 @@ class Observer:
         batch = torch.bincount(index, minlength=last - first + 1)
         counts = batch if self.counts is None else batch + self._rebinned(e, first, last - first + 1, x.device)
         # One statement, no call in it: an interrupted update leaves the previous state intact.
-        self.counts, self.exponent, self.offset, self.min, self.max, self.count, self.ndim = counts, e, first, new_lo, new_hi, self.count + n, ndim
+        self.counts, self.exponent, self.offset, self.min, self.max, self.count, self.mask_low, self.mask_high, self.ndim = (
+            counts, e, first, new_lo, new_hi, self.count + n, self.mask_low + mask_low, self.mask_high + mask_high, ndim
+        )
+
+    def _split_mask_values(self, flat: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, int, int]:
+        """statistics.split_mask_values in torch ops, on the tensor's device."""
+        if math.isnan(lo) or math.isnan(hi):  # aminmax propagates NaN
+            raise NonFiniteError(self.key)
+        low, high = flat <= -MASK_MAGNITUDE, flat >= MASK_MAGNITUDE
+        n_low, n_high = (int(v) for v in torch.stack([low.sum(), high.sum()]).tolist())
+        return flat[~(low | high)], n_low, n_high
 
     def _update_on_host(self, x: torch.Tensor, ndim: int) -> None:
         """A CPU tensor goes through the numpy path's compiled kernel: the same statistics, 4-9x
@@ -76,7 +93,9 @@ class Observer:
             raise NonFiniteError(self.key) from None
         counts = torch.from_numpy(stats.counts)
         # One statement, no call in it: an interrupted update leaves the previous state intact.
-        self.counts, self.exponent, self.offset, self.min, self.max, self.count, self.ndim = counts, stats.exponent, stats.offset, stats.min, stats.max, stats.count, ndim
+        self.counts, self.exponent, self.offset, self.min, self.max, self.count, self.mask_low, self.mask_high, self.ndim = (
+            counts, stats.exponent, stats.offset, stats.min, stats.max, stats.count, stats.mask_low, stats.mask_high, ndim
+        )
 
     def _rebinned(self, e: int, first: int, length: int, device) -> torch.Tensor:
         shift = e - self.exponent
@@ -84,13 +103,19 @@ class Observer:
         out = torch.zeros(length, dtype=torch.int64, device=self.counts.device)
         return out.index_add_(0, index, self.counts).to(device)
 
+    @property
+    def observed(self) -> bool:
+        """Any value was seen, mask values included."""
+        return self.count > 0 or self.mask_low > 0 or self.mask_high > 0
+
     def to_statistics(self) -> TensorStatistics:
         if self.counts is None:
-            return TensorStatistics(self.max_bins)
-        return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts.cpu().numpy().astype(np.int64))
+            return TensorStatistics(self.max_bins, mask_low=self.mask_low, mask_high=self.mask_high)
+        return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts.cpu().numpy().astype(np.int64), self.mask_low, self.mask_high)
 
     def load_statistics(self, stats: TensorStatistics, device=None) -> None:
         """Replace this observer's state (used when merging across processes)."""
         self.min, self.max, self.count = stats.min, stats.max, stats.count
         self.exponent, self.offset = stats.exponent, stats.offset
+        self.mask_low, self.mask_high = stats.mask_low, stats.mask_high
         self.counts = torch.as_tensor(stats.counts, dtype=torch.int64, device=device) if not stats.empty else None

@@ -351,7 +351,7 @@ def compare(
             try:
                 stats[n].update(f)  # what Calibrator.collect_data does per tensor
             except NonFiniteError:
-                raise CalibrationError(f"float tensor {n!r} holds NaN or Inf on sample {i}") from None
+                raise CalibrationError(f"float tensor {n!r} holds NaN on sample {i}") from None
         count += 1
     if count == 0:
         raise CalibrationError("no samples: the data is empty")

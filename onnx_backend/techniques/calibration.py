@@ -5,20 +5,22 @@ Statistics are the Calibrator's (`TensorStatistics` folded batch by batch, range
 
 Attention masks. Padded batches carry an additive mask: scores + mask, with mask 0 on real
 positions and a large negative constant (-1e4, -1e9, float32 min, -inf) on padding, then a
-Softmax. Left alone, the masked values set the lower end of every tensor they flow into and
-the real scores collapse into a few quantization steps. A *masked tensor* here is the output of an
-Add / Sub / Where that combines a data operand (an activation holding no value <= MASK_MIN) with
+Softmax. The statistics already leave -inf and finfo.min out (mask values: statistics.py); left
+alone, the finite ones set the lower end of every tensor they flow into and the real scores
+collapse into a few quantization steps. A *masked tensor* here is the output of an
+Add / Sub / Where that combines a data operand (an activation holding no value <= MASK_MIN, not constant) with
 a mask operand (a tensor or constant holding such values, or -inf), and every tensor after it on
 the way to the Softmax through ops that carry the mask along (scaling, reshapes, further adds).
-Its statistics are collected again without the masked values -- non-finite ones, and those below
+Its statistics are collected again without the masked values -- mask values, and those below
 the middle of the widest empty stretch of its histogram when that stretch spans half the
 observed range (masked values sit far below the real ones) -- and its range keeps room below
 the largest real score so that a masked position, saturated at the range's lower end, still gets
 a softmax probability below half an output step: hi - lo >= ln(512 L), L the last axis length.
-The mask operand itself (0 or the large negative constant) keeps its range, with the lower end
-raised to MASK_MIN: -1e4 is far below any real score, so the sum still saturates at the masked
-tensor's lower end, and the ratio of the two scales stays representable (float32 min / 255
-against a score scale overflows the requantization multiplier of an integer Add).
+The mask operand itself (0 or the large negative constant) gets the lower end MASK_MIN: -1e4 is
+far below any real score, so the sum still saturates at the masked tensor's lower end, and the
+ratio of the two scales stays representable (float32 min / 255 against a score scale overflows
+the requantization multiplier of an integer Add). These are onnx_backend.masks' two rules, which
+every path applies to mask values.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .. import masks
 from ..calibrator import Ranges, activation_tensors
 from ..errors import CalibrationError
+from ..masks import MASK_MIN, softmax_margin
 from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA, map_range_searches, select_range
 from ..statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
 from .graph import Feeds, tensors_on
 
-MASK_MIN = -1.0e4  # a value this low (or -inf) in an operand of Add/Sub/Where marks an additive mask
-SOFTMAX_OUTPUT_LEVELS = 256
+# MASK_MIN (onnx_backend.masks): a value this low (or a mask value) in an operand of Add/Sub/Where marks an additive mask
 MASK_OPS = ("Add", "Sub", "Where")
 PASS_THROUGH = ("Add", "Sub", "Mul", "Div", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Cast", "Where", "Expand", "Identity", "Slice")
 
@@ -55,69 +58,66 @@ class Statistics:
     stats: dict[str, TensorStatistics]
     masked: dict[str, MaskedTensor] = field(default_factory=dict)
     samples: int = 0
-    mask_operands: set[str] = field(default_factory=set)  # the masks themselves: lower end raised to MASK_MIN
+    mask_operands: set[str] = field(default_factory=set)  # the masks themselves: lower end MASK_MIN
+    softmax_gaps: dict[str, float] = field(default_factory=dict)  # masks.softmax_gaps of the model
 
     def ranges(self, method_for: Callable[[str], tuple[str, bool]], *, percentile: float = DEFAULT_PERCENTILE, sqnr_gamma: float = DEFAULT_SQNR_GAMMA) -> Ranges:
         """{tensor: (lo, hi)}; `method_for(tensor)` gives (method, symmetric)."""
         observed = [name for name, st in self.stats.items() if not st.empty]
         chosen = map_range_searches(lambda name: self.range_of(name, *method_for(name), percentile=percentile, sqnr_gamma=sqnr_gamma), observed, method_for)
-        return Ranges(dict(zip(observed, chosen)), method="per-tensor", percentile=percentile)
+        return Ranges(dict(zip(observed, chosen)), method="per-tensor", percentile=percentile, mask_values=masks.mask_counts(self.stats))
 
     def range_of(self, name: str, method: str, symmetric: bool, **kw) -> tuple[float, float]:
-        lo, hi = select_range(self.stats[name], method, symmetric, **kw)
+        st = self.stats[name]
+        lo, hi = select_range(st, method, symmetric, **kw)
         if name in self.mask_operands:
-            lo = max(lo, MASK_MIN)
+            lo = MASK_MIN
             hi = min(hi, -MASK_MIN) if symmetric else hi  # a symmetric range stays symmetric
         m = self.masked.get(name)
         if m is not None:
-            margin = math.log(2 * SOFTMAX_OUTPUT_LEVELS * max(m.softmax_length, 1))
-            lo = min(lo, hi - margin)
+            lo = min(lo, hi - softmax_margin(m.softmax_length))
             if symmetric:
                 a = max(-lo, hi)
                 lo, hi = -a, a
+        elif name not in self.mask_operands and st.masked:  # mask values outside a recognised mask
+            lo, hi = masks.widened_for_masks((lo, hi), st, self.softmax_gaps.get(name))
         return lo, hi
 
 
-def _update(st: TensorStatistics, x: np.ndarray, floor: float | None = None) -> int:
-    """Fold x in; returns how many values were left out (non-finite, or <= floor)."""
+def _update(st: TensorStatistics, name: str, sample: int, x: np.ndarray, floor: float | None = None) -> None:
+    """Fold x in (without its values <= floor, if given: masked positions)."""
     try:
-        if floor is None:
-            st.update(x)
-            return 0
+        st.update(x if floor is None else x[~(x <= floor)])  # NaN is kept, and refused
     except NonFiniteError:
-        pass
-    keep = np.isfinite(x) if floor is None else (np.isfinite(x) & (x > floor))
-    st.update(x[keep])
-    return int(x.size - np.count_nonzero(keep))
+        raise CalibrationError(f"tensor {name!r} holds NaN on calibration sample {sample}") from None
 
 
 def collect(model: onnx.ModelProto, feeds: Sequence[Feeds], *, bins: int = DEFAULT_BINS, tensors: Sequence[str] | None = None) -> Statistics:
     """Statistics of every float activation (or of `tensors`) over `feeds`, masks handled."""
     names = list(tensors) if tensors is not None else activation_tensors(model)
     stats = {n: TensorStatistics(bins) for n in names}
-    nonfinite = dict.fromkeys(names, 0)
-    for values in tensors_on(model, feeds, names):
+    for i, values in enumerate(tensors_on(model, feeds, names)):
         for name, x in values.items():
-            nonfinite[name] += _update(stats[name], x)
-    masked = find_masked(model, stats, nonfinite)
+            _update(stats[name], name, i, x)
+    masked = find_masked(model, stats)
     if masked:
         redo = {n: TensorStatistics(bins) for n in masked}
-        for values in tensors_on(model, feeds, list(masked)):
+        for i, values in enumerate(tensors_on(model, feeds, list(masked))):
             for name, x in values.items():
-                _update(redo[name], x, masked[name].floor)
+                _update(redo[name], name, i, x, masked[name].floor)
                 if x.ndim:
                     masked[name].softmax_length = max(masked[name].softmax_length, int(x.shape[-1]))
+        for name, st in redo.items():  # the mask values were counted in the first pass
+            st.mask_low, st.mask_high = stats[name].mask_low, stats[name].mask_high
         stats.update(redo)
-    for name, n in nonfinite.items():
-        if n and name not in masked and not _is_mask(stats[name], n):
-            raise CalibrationError(f"tensor {name!r} holds NaN or Inf on the calibration data")
-    mask_operands = {n for n, st in stats.items() if n not in masked and not st.empty and st.min <= MASK_MIN}
-    return Statistics(stats, masked, len(feeds), mask_operands if masked else set())
+    mask_operands = {n for n, st in stats.items() if n not in masked and _is_mask(st)}
+    gaps = masks.softmax_gaps(masks.ir_graph(model)) if any(st.masked for st in stats.values()) else {}
+    return Statistics(stats, masked, len(feeds), mask_operands if masked else set(), gaps)
 
 
-def _is_mask(st: TensorStatistics, nonfinite: int) -> bool:
-    """Holds mask values: non-finite ones, or values <= MASK_MIN."""
-    return nonfinite > 0 or (not st.empty and st.min <= MASK_MIN)
+def _is_mask(st: TensorStatistics) -> bool:
+    """Holds mask values, or values <= MASK_MIN."""
+    return st.mask_low > 0 or (not st.empty and st.min <= MASK_MIN)
 
 
 def _constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -137,30 +137,37 @@ def _is_mask_constant(v: np.ndarray | None) -> bool:
     return (finite.size < v.size and np.any(np.isneginf(v))) or (finite.size > 0 and float(finite.min()) <= MASK_MIN)
 
 
-def find_masked(model: onnx.ModelProto, stats: dict[str, TensorStatistics], nonfinite: dict[str, int]) -> dict[str, MaskedTensor]:
+def find_masked(model: onnx.ModelProto, stats: dict[str, TensorStatistics]) -> dict[str, MaskedTensor]:
     """The tensors an additive attention mask flows into, on the way to a Softmax.
 
     A chain starts at an Add / Sub / Where with a mask operand (a tensor or constant holding a
-    value <= MASK_MIN, or -inf) and a data operand (an activation holding none), and follows the
-    ops that carry the mask along (PASS_THROUGH) to a Softmax."""
+    value <= MASK_MIN, or a mask value) and a data operand (an activation holding none, not
+    constant), and follows the ops that carry the mask along (PASS_THROUGH) to a Softmax."""
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
     constants = _constant_values(model)
-    masks = {n for n, st in stats.items() if _is_mask(st, nonfinite.get(n, 0))}
-    masks |= {n for n, v in constants.items() if _is_mask_constant(v)}
+    mask_tensors = {n for n, st in stats.items() if _is_mask(st)}
+    mask_tensors |= {n for n, v in constants.items() if _is_mask_constant(v)}
     found: dict[str, MaskedTensor] = {}
     for node in model.graph.node:
         if node.op_type not in MASK_OPS or not node.output or node.output[0] not in stats:
             continue
         operands = [i for i in node.input if i]
-        if not any(i in masks for i in operands) or not any(i in stats and i not in masks and not stats[i].empty for i in operands):
+        if not any(i in mask_tensors for i in operands) or not any(_is_data(i, stats, mask_tensors) for i in operands):
             continue
         for t in _chain_to_softmax(node.output[0], consumers) or ():
             if t in stats:
                 found[t] = MaskedTensor(floor=mask_floor(stats[t]), softmax_length=1)
     return found
+
+
+def _is_data(name: str, stats: dict[str, TensorStatistics], mask_tensors: set[str]) -> bool:
+    """An activation that is not a mask and takes more than one value (the zeros a mask is
+    built from with Where(padded, finfo.min, zeros) are not scores)."""
+    st = stats.get(name)
+    return st is not None and name not in mask_tensors and not st.empty and st.max > st.min
 
 
 def mask_floor(st: TensorStatistics) -> float:
@@ -204,4 +211,4 @@ def masked_by_ranges(model: onnx.ModelProto, ranges: dict[str, tuple[float, floa
     MASK_MIN / 100: for warning users of the plain path, whose histograms cannot separate the
     masked values any more."""
     stats = {name: TensorStatistics(DEFAULT_BINS, float(lo), float(hi), 1) for name, (lo, hi) in ranges.items()}
-    return sorted(t for t in find_masked(model, stats, {}) if stats[t].min <= MASK_MIN / 100)
+    return sorted(t for t in find_masked(model, stats) if stats[t].min <= MASK_MIN / 100)

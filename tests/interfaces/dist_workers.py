@@ -19,7 +19,8 @@ WORLD = 2
 
 class Branchy(nn.Module):
     """A data-dependent branch: the `extra` op only runs on some batches, so one rank may never
-    observe it; the merge must still produce the union."""
+    observe it; the merge must still produce the union. Mask values too: one tensor holds only
+    -inf on one rank's shard."""
 
     def __init__(self):
         super().__init__()
@@ -32,7 +33,9 @@ class Branchy(nn.Module):
         y = torch.relu(self.conv(x))
         if float(x.mean()) > 0.32:  # calibration only; export takes one path
             y = y + self.extra(y)
-        return self.head(y.mean(dim=(2, 3)))
+        # -inf (a mask value) wherever the input is not negative: rank 0 sees nothing else here
+        masked = torch.where(x < 0, x, float("-inf")).flatten(1)
+        return self.head(y.mean(dim=(2, 3))) + torch.logsumexp(masked, -1, keepdim=True).clamp(min=-1.0)
 
 
 def batches() -> list[torch.Tensor]:
@@ -51,7 +54,7 @@ def shard(rank: int) -> list[torch.Tensor]:
 
 def statistics_of(model) -> dict:
     session, _ = session_of(model)
-    return {k: o.to_statistics().to_dict() for k, o in sorted(session.observers.items()) if not o.empty}
+    return {k: o.to_statistics().to_dict() for k, o in sorted(session.observers.items()) if o.observed}
 
 
 def calibrate_and_export(model, data, out: Path, tag: str, distributed_run: bool) -> None:

@@ -164,7 +164,7 @@ RUN_FAILURES = {
     "factory_returns_text": (_edit(**{"model.factory": f"{T}:returns_a_string"}), r"returned a str, not a torch\.nn\.Module"),
     "loader_not_iterable": (_edit(**{"calibration.loader": f"{T}:not_iterable"}), r"calibration\.loader returned a int, which is not iterable"),
     "loader_yields_strings": (_edit(**{"calibration.loader": f"{T}:yields_strings"}), r"calibration"),
-    "loader_yields_nan": (_edit(**{"calibration.loader": f"{T}:yields_nan"}), r"NaN or Inf"),
+    "loader_yields_nan": (_edit(**{"calibration.loader": f"{T}:yields_nan"}), r"NaN in tensor '<input>:0' \(module '<input>'\) on calibration batch 0"),
     "loader_wrong_shape": (_edit(**{"calibration.loader": f"{T}:yields_wrong_shape"}), r"calibration: the model raised RuntimeError"),
     "loader_empty": (_edit(**{"calibration.loader": f"{T}:empty"}), r"empty"),
     "loader_fails_midway": (_edit(**{"calibration.loader": f"{T}:fails_midway"}), r"iterating the loader raised ValueError: the data source went away"),

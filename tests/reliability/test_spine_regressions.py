@@ -24,7 +24,7 @@ def test_negative_value_whose_scaled_bin_underflows_lands_in_bin_minus_one():
     # Bug: with bins 2**e wide (e > 0), x * 2**-e underflows to -0.0 for a tiny negative x, so
     # floor() put it in bin 0 while the exact bin is -1: TensorStatistics.update crashed with a
     # broadcast error and the torch observer built a different histogram.
-    x = np.array([-1e38, -1e-40], np.float32)
+    x = np.array([-1e35, -1e-40], np.float32)  # -1e35: large, below the mask values (statistics.MASK_MAGNITUDE)
     s = TensorStatistics()
     s.update(x)
     assert s.counts.sum() == 2 and s.counts[-1] == 1  # the tiny value is in the last bin, -1
