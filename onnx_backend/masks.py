@@ -10,10 +10,12 @@ stay masked, that end must still mask:
   ln(2 * 256 * L) below its upper end, L the length of the Softmax axis (DEFAULT_SOFTMAX_LENGTH
   when the graph does not fix it): a padded position, at the lower end, then gets a probability
   below half an output step (1/256) wherever its row reaches the upper end;
-* any other tensor holding low mask values (the mask itself, {0, finfo.min}; a mask added to a
-  position bias before it reaches the scores) keeps its lower end at MASK_MIN or below, so that
-  added to any score a model computes it still takes the sum to that sum's lower end. A high
-  mask value likewise keeps the upper end at -MASK_MIN or above.
+* a tensor added to another (the mask itself, {0, finfo.min}; a mask folded into a position
+  bias before it reaches the scores) keeps its lower end at the sum's lower end minus the other
+  operand's upper end, or below: its saturated mask values still take the integer sum to the
+  sum's own lower end, where the rule above applies. Through a rearranging op or a Where branch
+  the reader's lower end carries back as it is; any other reader (or none with a range) asks
+  for MASK_MIN. A high mask value keeps the upper end at -MASK_MIN or above.
 
 A range symmetric about 0 stays symmetric. Finite additive masks (-1e4, -1e9) are not mask values:
 they set ranges like data, and the attention_masks technique (techniques/calibration.py) leaves
@@ -94,24 +96,70 @@ def ir_graph(model: ir.Model | onnx.ModelProto) -> ir.Graph:
 
 
 def keep_masking(model: ir.Model | onnx.ModelProto, statistics: Mapping[str, TensorStatistics], ranges: Mapping[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
-    """`ranges` with the tensors that held mask values widened by the rules above."""
+    """`ranges` with the tensors that held mask values widened by the rules above; readers
+    first, so that a mask carried into a sum gets the bound the sum's own range sets."""
     holding = {t for t, st in statistics.items() if st.masked and t in ranges}
     if not holding:
         return dict(ranges)
-    gaps = softmax_gaps(ir_graph(model))
+    graph = ir_graph(model)
+    gaps = softmax_gaps(graph)
     out = dict(ranges)
-    for t in holding:
-        out[t] = widened_for_masks(ranges[t], statistics[t], gaps.get(t))
+    values = [v for node in reversed(list(graph)) for v in node.outputs if v is not None] + list(graph.inputs)
+    for v in values:
+        if v.name in holding:
+            out[v.name] = widened_for_masks(out[v.name], statistics[v.name], gaps.get(v.name), _lowest_needed(v, out))
     return out
 
 
-def widened_for_masks(r: tuple[float, float], st: TensorStatistics, softmax_gap: float | None) -> tuple[float, float]:
-    """One tensor's range, widened so that its saturated mask values still mask (`softmax_gap`:
-    the gap a Softmax reading it needs, or None if none does)."""
+def _lowest_needed(v: ir.Value, ranges: Mapping[str, tuple[float, float]]) -> float | None:
+    """The highest lower end that still masks in every reader of `v` other than a Softmax's
+    chain (softmax_gaps): through a rearranging op or a Where branch, its output's lower end;
+    into an Add, the sum's lower end minus the other operand's upper end (and one step of the
+    sum's), so the saturated mask takes the integer sum to its lower end; MASK_MIN for any other
+    reader, or one without a range. None when only a Softmax reads it."""
+    needed: list[float] = []
+    for use in v.uses():
+        node = use.node
+        outs = [o for o in node.outputs if o is not None]
+        o_range = ranges.get(outs[0].name) if outs else None
+        if node.op_type in SOFTMAX_OPS:
+            continue
+        if o_range is None:
+            needed.append(MASK_MIN)
+        elif (node.op_type in _KEEP_GAP and use.idx == 0) or (node.op_type == "Where" and use.idx in (1, 2)):
+            needed.append(o_range[0])
+        elif node.op_type == "Add" and len(node.inputs) == 2 and node.inputs[1 - use.idx] is not None:
+            other = _upper_end(node.inputs[1 - use.idx], ranges)
+            step = (o_range[1] - o_range[0]) / 255
+            needed.append(MASK_MIN if other is None else o_range[0] - other - step)
+        else:
+            needed.append(MASK_MIN)
+    if not needed and not v.uses():  # a graph output
+        needed.append(MASK_MIN)
+    return min(needed) if needed else None
+
+
+def _upper_end(v: ir.Value, ranges: Mapping[str, tuple[float, float]]) -> float | None:
+    if v.name in ranges:
+        return float(ranges[v.name][1])
+    t = ir.convenience.get_const_tensor(v)
+    if t is None:
+        return None
+    a = t.numpy()
+    return float(a.max()) if a.size and np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() else None
+
+
+def widened_for_masks(r: tuple[float, float], st: TensorStatistics, softmax_gap: float | None, lowest_needed: float | None = MASK_MIN) -> tuple[float, float]:
+    """One tensor's range, widened so that its saturated mask values still mask: `softmax_gap`,
+    the gap a Softmax reading it needs (None if none does); `lowest_needed`, the lower end its
+    other readers need (None if it has none)."""
     lo, hi = float(r[0]), float(r[1])
     symmetric = lo < 0 and lo == -hi
     if st.mask_low:
-        lo = min(lo, hi - softmax_gap) if softmax_gap is not None else min(lo, MASK_MIN)
+        if softmax_gap is not None:
+            lo = min(lo, hi - softmax_gap)
+        if lowest_needed is not None:
+            lo = min(lo, lowest_needed)
     if st.mask_high:
         hi = max(hi, -MASK_MIN)
     if symmetric:

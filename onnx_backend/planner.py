@@ -18,6 +18,9 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
    the int32 bias (scale = input scale x weight scale) cannot overflow. A MatMul whose output
    only feeds an Add of a constant vector (a Linear layer) treats that vector as its int32 bias.
 6. Other constant float inputs at activation positions get per-tensor int8 from their values.
+7. A node whose float outputs only reach integer casts and shape inputs (directly or through
+   other such nodes: T5's relative-position buckets, float arithmetic on shapes) stays in float,
+   exact: no Q/DQ moves the integers it computes.
 
 Every float tensor next to an int8 node that stays float is listed with the reason.
 """
@@ -36,6 +39,7 @@ from .qmath import QuantParams
 
 Supports = Callable[[ir.Node], tuple[bool, str]]
 FLOAT_TYPES = {ir.DataType.FLOAT}
+INTEGER_ARITHMETIC = "integer arithmetic: its outputs only reach integer casts and shape inputs, so it stays exact in float"
 
 
 def supports_everything(node: ir.Node) -> tuple[bool, str]:
@@ -170,12 +174,41 @@ class Planner:
 
     # ---- which nodes run in int8 -------------------------------------------------------------
 
+    def _integer_arithmetic(self) -> set[int]:
+        """Nodes whose float outputs only reach integer casts and shape inputs, directly or
+        through other such nodes: T5's relative-position buckets (log of the distance, scaled,
+        cast to int64), float arithmetic on shapes. Quantizing them would move the integers they
+        compute."""
+        exact: set[int] = set()
+        for node in reversed(list(self.graph)):  # readers first
+            floats = [o for o in node.outputs if o is not None and o.dtype in FLOAT_TYPES]
+            if not floats or any(o.is_graph_output() or not o.uses() for o in floats):
+                continue
+            if all(self._read_as_integer(u, exact) for o in floats for u in o.uses()):
+                exact.add(id(node))
+        return exact
+
+    @staticmethod
+    def _read_as_integer(use, exact: set[int]) -> bool:
+        node = use.node
+        if id(node) in exact or node.op_type in ("Shape", "Size"):
+            return True
+        if node.op_type == "Cast":
+            to = node.attributes.get("to")
+            return to is not None and ir.DataType(to.value) not in FLOAT_TYPES | {ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
+        rule = spec.rule_for(node.op_type)
+        # a shape, axes, scales or a bound: neither an activation, a weight nor a bias
+        return use.idx not in spec.activation_input_indices(node.op_type, len(node.inputs)) and use.idx not in (rule.weight_input, rule.bias_input)
+
     def _decide_nodes(self) -> None:
+        exact = self._integer_arithmetic()
         for node in self.graph:
             rule = spec.rule_for(node.op_type)
             name = node.name
             if rule.output is spec.OutputScale.NONE or node.op_type in spec.SHAPE_OPS:
                 ok, why = False, "not a float activation op"
+            elif id(node) in exact:
+                ok, why = False, INTEGER_ARITHMETIC
             elif name in self.exclude_nodes:
                 ok, why = False, "excluded by configuration"
             elif not any(is_float_activation(node.inputs[i]) for i in spec.activation_input_indices(node.op_type, len(node.inputs)) if node.inputs[i] is not None) and not any(is_float_activation(o) for o in node.outputs):
