@@ -57,8 +57,15 @@ def _sdpa_reference(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
         L, S = query.size(-2), key.size(-2)
         mask = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~mask, float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        # -inf where masked, except in rows masked entirely (the padded queries of left-padded
+        # batches): there 0, a uniform softmax, as eager attention with finfo.min masks gives,
+        # where -inf everywhere would be NaN (SDPA itself returns zeros for such rows). Only the
+        # outputs at those padded positions differ from SDPA's.
+        fill = torch.where(attn_mask.any(-1, keepdim=True), float("-inf"), 0.0).to(scores.dtype)
+        scores = torch.where(attn_mask, scores, fill)
+    elif attn_mask is not None:
+        scores = scores + attn_mask
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)

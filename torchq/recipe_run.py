@@ -389,6 +389,18 @@ def job_report_markdown(recipe: Recipe, r: RecipeResult) -> str:
         lines += ["Nodes left in float, and why:", "", "| node | reason |", "|---|---|"]
         lines += [f"| `{n}` | {why} |" for n, why in sorted(float_nodes.items())]
         lines.append("")
+    mask_values = r.export_report.backend.mask_values
+    if mask_values:
+        lines += [
+            "Mask values (-inf, +inf, finfo.min/max: padding) left out of the ranges; in int8 they saturate to the range's ends (docs/METHODS.md):",
+            "",
+            "| tensor | PyTorch origin | low | high | range |",
+            "|---|---|---|---|---|",
+        ]
+        for t, (low, high) in sorted(mask_values.items()):
+            lo, hi = rep.ranges.get(t, (math.nan, math.nan))
+            lines.append(f"| `{t}` | `{(rep.keys_of_tensor.get(t) or ['-'])[0]}` | {low} | {high} | [{lo:.4g}, {hi:.4g}] |")
+        lines.append("")
     lines += ["## TFLite 8-bit spec check", ""]
     lines += ["All rules hold."] if not r.violations else [f"- {v}" for v in r.violations]
     lines += ["", "## Time", "", " / ".join(f"{k} {v:.1f} s" for k, v in r.seconds.items()), ""]

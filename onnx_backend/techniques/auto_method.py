@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from .. import qmath, spec
+from ..statistics import MASK_MAGNITUDE
 from .graph import session, tensors_on, to_proto
 
 CANDIDATES = [(m, sym) for m in ("min_max", "percentile", "mse", "entropy", "sqnr") for sym in (False, True)]
@@ -179,11 +180,12 @@ def _score(proto: onnx.ModelProto, feeds, names: list[str], candidates, result: 
             feeds_c = {o: values[o] for o in others}
             x = values[name]
             ref = sess.run(None, {name: x, **feeds_c})
-            den[name] += sum(float(np.sum(np.square(r, dtype=np.float64))) for r in ref)
+            real = [np.abs(r) < MASK_MAGNITUDE for r in ref]  # mask values (padding) are not compared
+            den[name] += sum(float(np.sum(np.square(r[k], dtype=np.float64))) for r, k in zip(ref, real))
             for k, p in enumerate(params[name]):
                 xq = x if p is None else np.asarray(qmath.fake_quantize(x, p), dtype=x.dtype).reshape(x.shape)
                 out = sess.run(None, {name: xq, **feeds_c})
-                num[name][k] += sum(float(np.sum(np.square(o.astype(np.float64) - r))) for o, r in zip(out, ref))
+                num[name][k] += sum(float(np.sum(np.square(o[m].astype(np.float64) - r[m]))) for o, r, m in zip(out, ref, real))
     for name in names:
         if name not in subs:
             result.chosen[name], result.ranges[name] = candidates[name][0]

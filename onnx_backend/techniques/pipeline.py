@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from .. import masks
+from ..calibrator import Ranges
 from ..quantizer import QuantizationReport, quantize_with_report
 from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA
 from ..statistics import DEFAULT_BINS
@@ -145,10 +147,10 @@ def run_pipeline(
         from . import auto_method
 
         chosen = auto_method.choose(prepared, percentile=options.percentile, sqnr_gamma=options.sqnr_gamma, fixed=method_for)
-        prepared.ranges = chosen.ranges
+        prepared.ranges = Ranges(chosen.ranges, mask_values=masks.mask_counts(stats.stats))  # the mask values reach the report
         report.steps["method_auto"] = chosen.to_dict()
     else:
-        prepared.ranges = dict(stats.ranges(pick, percentile=options.percentile, sqnr_gamma=options.sqnr_gamma))
+        prepared.ranges = stats.ranges(pick, percentile=options.percentile, sqnr_gamma=options.sqnr_gamma)
     if rounding is not None:
         prepared.weight_overrides = dict(rounding(prepared))
         report.steps.setdefault("adaround", {})["layers"] = len(prepared.weight_overrides)
