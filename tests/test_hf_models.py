@@ -211,3 +211,30 @@ def test_real_minilm_weights_padded():
     with torch.no_grad():
         ref = model(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     assert out.shape == ref.shape and hf.cosines(out, ref).min() >= 0.75
+
+
+def test_the_onnx_path_calibrates_a_padded_transformer(tmp_path):
+    from onnx_backend import CalibrationMethod, Calibrator, load_ranges, optimize_model, quantize, save_ranges
+
+    model = hf.tiny("bert")
+    data = hf.calibration_batches("bert")
+    path = tmp_path / "bert.onnx"
+    class Positional(torch.nn.Module):  # the tracer passes inputs positionally
+        def __init__(self):
+            super().__init__()
+            self.bert = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    with torch.no_grad():  # the user's own float export, no torchq involved
+        torch.onnx.export(Positional().eval(), (data[0]["input_ids"], data[0]["attention_mask"]), str(path), dynamo=False, input_names=hf.input_names("bert"), output_names=["last_hidden_state"], dynamic_axes=hf.dynamic_axes("bert"))
+    float_model = optimize_model(onnx.load(path))
+    calibrator = Calibrator(float_model, CalibrationMethod.MSE_ASYM, quiet=True)
+    calibrator.collect_data([{n: v.numpy() for n, v in inputs.items()} for inputs in data])
+    ranges = calibrator.compute_range()
+    assert ranges.mask_values and max(abs(v) for r in ranges.values() for v in r) <= -MASK_MIN
+    save_ranges(ranges, tmp_path / "ranges.json")
+    assert load_ranges(tmp_path / "ranges.json").mask_values == ranges.mask_values
+    cos = _real_token_cosines(model, quantize(float_model, ranges), "bert")
+    assert cos.mean() >= 0.99 and cos.min() >= 0.97, cos
