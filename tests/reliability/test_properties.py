@@ -1,7 +1,7 @@
 """Property-based tests of the quantization math (hypothesis).
 
 Each property holds for every float32 the strategies can produce: denormals, +-0, values near
-float32 max, constant tensors, single values. The guarantees are listed in docs/RELIABILITY.md.
+float32 max (mask values: counted and left out of the statistics), constant tensors, single values. The guarantees are listed in docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from hypothesis.extra import numpy as hnp
 from onnx_backend import qmath
 from onnx_backend.qmath import MIN_SCALE, QType
 from onnx_backend.range_selection import Method, select_range
-from onnx_backend.statistics import TensorStatistics, required_exponent
+from onnx_backend.statistics import MASK_MAGNITUDE, TensorStatistics, required_exponent
 from torchq.observer import Observer
 
 F32_MAX = float(np.finfo(np.float32).max)
@@ -189,7 +189,7 @@ def test_property_scales_never_underflow(a, w):
 
 
 def assert_same_statistics(a: TensorStatistics, b: TensorStatistics) -> None:
-    assert (a.min, a.max, a.count, a.exponent, a.offset) == (b.min, b.max, b.count, b.exponent, b.offset)
+    assert (a.min, a.max, a.count, a.exponent, a.offset, a.mask_low, a.mask_high) == (b.min, b.max, b.count, b.exponent, b.offset, b.mask_low, b.mask_high)
     np.testing.assert_array_equal(a.counts, b.counts)
 
 
@@ -203,8 +203,9 @@ def split_batches(draw, max_size=200):
 
 
 @given(xb=split_batches(), bins=st.sampled_from([256, 1024, 4096]))
-@example(xb=(np.array([-1e38, -1e-40], np.float32), [np.array([-1e38, -1e-40], np.float32)]), bins=4096)
-@example(xb=(np.array([-1e38, -1e-40], np.float32), [np.array([-1e-40], np.float32), np.array([-1e38], np.float32)]), bins=4096)
+@example(xb=(np.array([-1e35, -1e-40], np.float32), [np.array([-1e35, -1e-40], np.float32)]), bins=4096)
+@example(xb=(np.array([-1e35, -1e-40], np.float32), [np.array([-1e-40], np.float32), np.array([-1e35], np.float32)]), bins=4096)
+@example(xb=(np.array([-1e38, -1e-40], np.float32), [np.array([-1e-40], np.float32), np.array([-1e38], np.float32)]), bins=4096)  # a mask value
 def test_property_histogram_merge_exact_and_order_independent(xb, bins):
     x, batches = xb
     whole = TensorStatistics(bins)
@@ -220,9 +221,12 @@ def test_property_histogram_merge_exact_and_order_independent(xb, bins):
         merged.merge(s)
     for s in (streamed, merged):
         assert_same_statistics(whole, s)
-    assert whole.count == x.size == int(whole.counts.sum())
-    assert whole.counts.size <= bins and whole.exponent == required_exponent(whole.min, whole.max, bins)
-    assert whole.min == float(x.min()) and whole.max == float(x.max())
+    data = x[np.abs(x) < MASK_MAGNITUDE]  # the rest are mask values: counted, left out
+    assert (whole.mask_low, whole.mask_high) == (int(np.sum(x <= -MASK_MAGNITUDE)), int(np.sum(x >= MASK_MAGNITUDE)))
+    assert whole.count == data.size == int(whole.counts.sum())
+    if data.size:
+        assert whole.counts.size <= bins and whole.exponent == required_exponent(whole.min, whole.max, bins)
+        assert whole.min == float(data.min()) and whole.max == float(data.max())
 
 
 @given(xb=split_batches(), bins=st.sampled_from([256, 4096]))
@@ -244,10 +248,13 @@ def test_property_torch_observer_equals_numpy_statistics(xb, bins):
 @example(x=np.full(7, 3.5, np.float32), method=Method.ENTROPY, symmetric=False)  # constant tensor
 @example(x=np.array([-2.5], np.float32), method=Method.MSE, symmetric=True)  # a single value
 @example(x=np.array([F32_TINY, -F32_TINY], np.float32), method=Method.SQNR, symmetric=False)  # denormals
-@example(x=np.array([-F32_MAX, F32_MAX, 0.0], np.float32), method=Method.PERCENTILE, symmetric=False)
+@example(x=np.array([-1.3e36, 1.3e36, 0.0], np.float32), method=Method.PERCENTILE, symmetric=False)  # the largest data
+@example(x=np.array([-F32_MAX, F32_MAX, 0.5], np.float32), method=Method.PERCENTILE, symmetric=False)  # mask values around it
 def test_property_selected_range_contains_zero_stays_within_data_and_quantizes(x, method, symmetric):
     s = TensorStatistics(1024)
     s.update(x)
+    x = x[np.abs(x) < MASK_MAGNITUDE]  # mask values are left out of the statistics
+    assume(x.size > 0)
     lo, hi = select_range(s, method, symmetric)
     data_lo, data_hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
     assert math.isfinite(lo) and math.isfinite(hi) and lo <= 0.0 <= hi
