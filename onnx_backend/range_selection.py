@@ -8,6 +8,7 @@ histogram's bins represented by their centres x_i and counts c_i:
 * min_max     -- [min, max].
 * percentile  -- asymmetric: the central p % of the mass, i.e. quantiles (1 - p)/2 and
                  1 - (1 - p)/2; symmetric: the p-th percentile of |x|. Linear within a bin.
+                 The bin holding 0 counts as its neighbour does (exact zeros are exact anyway).
 * mse         -- argmin over candidate ranges of  E_clip + E_round,  where
                  E_clip = sum_i c_i (x_i - clamp(x_i, lo, hi))^2 and E_round = n_in * step^2 / 12.
 * sqnr        -- argmax of SQNR = sum_i c_i x_i^2 / (gamma * E_clip + E_round), gamma = 3 by
@@ -17,9 +18,12 @@ histogram's bins represented by their centres x_i and counts c_i:
                  the range with the mass outside folded into the edge bins, Q is the window's
                  own mass merged into the number of quantization levels and spread back over
                  P's non-empty bins (TensorRT's algorithm; the asymmetric variant searches both
-                 edges). The bin holding 0 takes its neighbour's count first (the ReLU spike);
-                 bins are split until the bulk spans >= 2 x levels bins; a tensor with fewer
-                 than 16 x 256 observed values uses the mse range (too sparse for KL).
+                 edges), among the admissible ranges only: those clipping at most 0.01 % of the
+                 values, or whose expected mse noise is at most min-max's (KL alone rewards
+                 windows that clip most of the signal). The bin holding 0 takes its
+                 neighbour's count first (the ReLU spike); bins are split until the bulk spans
+                 >= 2 x levels bins; a tensor with fewer than 16 x 256 observed values uses the
+                 mse range (too sparse for KL).
 
 Candidate thresholds are the histogram's bin edges. Symmetric methods work on |x| (the
 histogram folded at 0) and return [-a, a]; a tensor that is never negative gets [0, a] with all
@@ -129,7 +133,7 @@ def _min_max(lo: float, hi: float, symmetric: bool) -> tuple[float, float]:
 
 
 def _percentile_one_sided(counts: np.ndarray, width: float, levels: int, *, percentile: float, **_) -> float:
-    return _quantile(counts, 0.0, width, percentile / 100.0)
+    return _quantile(_without_zero_spike(counts, 0), 0.0, width, percentile / 100.0)
 
 
 def _quantile(counts: np.ndarray, first_edge: float, width: float, q: float) -> float:
@@ -177,10 +181,12 @@ def _sqnr_one_sided(counts: np.ndarray, width: float, levels: int, *, gamma: flo
 def _without_zero_spike(counts: np.ndarray, zero_bin: int) -> np.ndarray:
     """The histogram with the count of the bin holding 0 replaced by its neighbour's.
 
-    After a ReLU half the values are exactly 0. Q spreads that spike over its whole group of
-    bins, so KL would favour windows so narrow that each group is one bin, clipping hard.
-    Flattening the spike (as NVIDIA's pytorch-quantization does) removes that bias; the exact
-    zeros are represented exactly by any range anyway.
+    After a ReLU half the values are exactly 0 (99.99 % in a sparse one). Exact zeros are
+    represented exactly by any range, so they should not decide it. For entropy: Q spreads the
+    spike over its whole group of bins, so KL would favour windows so narrow that each group is
+    one bin, clipping hard; flattening the spike (as NVIDIA's pytorch-quantization does) removes
+    that bias. For percentile: with more than p % of the values at 0 the p-th percentile would
+    lie inside the spike and clip every non-zero value.
     """
     if not 0 <= zero_bin < counts.size - 1:
         return counts
@@ -213,19 +219,47 @@ def _split_bins(counts: np.ndarray, k: int) -> np.ndarray:
     return counts.astype(np.float64) if k == 1 else np.repeat(counts.astype(np.float64) / k, k)
 
 
+# Entropy may always clip this share of the values (what percentile clips by default: isolated
+# outliers); clipping more needs a range at least as accurate as min-max (see _admissible).
+ENTROPY_FREE_CLIP_SHARE = (100.0 - DEFAULT_PERCENTILE) / 100.0
+
+
+def _admissible(noise: np.ndarray, whole_range_noise: float, outside: np.ndarray, total: float) -> np.ndarray:
+    """Which candidate ranges entropy may choose: those that clip at most ENTROPY_FREE_CLIP_SHARE
+    of the values (`outside`: how many lie beyond each), or whose expected clip + rounding noise
+    (the mse method's measure, `noise`) is at most that of the whole observed range (min-max's,
+    which clips nothing).
+
+    KL compares shapes of mass, not values: a window holding almost none of the mass, or one
+    clipping the few large values that carry most of a tensor's energy (a hard-swish output's
+    tail, a gate far from 0), can score a KL near 0, because all clipped mass folds into the edge
+    bin of both distributions. Such ranges clip many values and cost far more noise than
+    min-max's rounding, so this excludes exactly them; rare outliers may still be clipped."""
+    return (outside <= ENTROPY_FREE_CLIP_SHARE * total) | (noise <= whole_range_noise * (1.0 + 1e-9))
+
+
 def _entropy_one_sided(counts: np.ndarray, width: float, levels: int, **_) -> float:
-    counts = _without_zero_spike(counts, 0)
+    raw, counts = counts, _without_zero_spike(counts, 0)
     k = _subdivision(counts, levels)
     counts, width = _split_bins(counts, k), width / k
     n = counts.size
     if n <= levels:
         return n * width
     sums = _PrefixSums.of(counts)
+    # Admissible thresholds (_admissible), judged on the values as they are (exact zeros included).
+    values = _split_bins(raw, k)
+    above = np.cumsum(values[::-1])[::-1]  # above[i]: values in bins i.. (beyond a threshold at edge i)
+    outside = np.append(above[1:], 0.0)  # beyond edge 1..n
+    noise = _noise_one_sided(values, levels, 1.0)
+    allowed = _admissible(noise, noise[-1], outside, float(above[0]))
     a, b = levels, n  # windows [0, end), coarse to fine as in _zoom_search
+    best, best_kl = n, np.inf
     while True:
         ends = np.unique(np.linspace(a, b, min(b - a + 1, 64 * ZOOM_GRID)).round().astype(np.int64))
-        kl = _kl_windows(sums, np.zeros_like(ends), ends, levels)
-        best = int(ends[int(np.argmin(kl))])
+        kl = np.where(allowed[ends - 1], _kl_windows(sums, np.zeros_like(ends), ends, levels), np.inf)
+        i = int(np.argmin(kl))
+        if kl[i] < best_kl:
+            best, best_kl = int(ends[i]), float(kl[i])
         step = int(np.max(np.diff(ends), initial=1))
         if step <= 1:
             return best * width
@@ -248,8 +282,9 @@ def _two_sided_grid(stats: TensorStatistics, max_grid: int) -> tuple[np.ndarray,
 def _percentile_two_sided(stats: TensorStatistics, *, percentile: float, **_) -> tuple[float, float]:
     tail = (1.0 - percentile / 100.0) / 2.0
     first = stats.offset * stats.bin_width
-    lo = _quantile(stats.counts, first, stats.bin_width, tail)
-    hi = _quantile(stats.counts, first, stats.bin_width, 1.0 - tail)
+    counts = _without_zero_spike(stats.counts, -stats.offset)
+    lo = _quantile(counts, first, stats.bin_width, tail)
+    hi = _quantile(counts, first, stats.bin_width, 1.0 - tail)
     return lo, hi
 
 
@@ -316,7 +351,7 @@ def _entropy_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:
     if n <= LEVELS:
         return stats.min, stats.max
     zero = min(max(-split.offset, 0), n)
-    best = _zoom_search(counts, (0, zero), (zero, n))
+    best = _zoom_search(counts, _split_bins(stats.counts, k), (0, zero), (zero, n))
     first = split.offset * split_width
     return first + best[0] * split_width, first + best[1] * split_width
 
@@ -324,17 +359,24 @@ def _entropy_two_sided(stats: TensorStatistics, **_) -> tuple[float, float]:
 ZOOM_GRID = 32  # candidates per edge and round of the coarse-to-fine entropy search
 
 
-def _zoom_search(counts: np.ndarray, lo_span: tuple[int, int], hi_span: tuple[int, int]) -> tuple[int, int]:
-    """Coarse-to-fine search of the window [lo, hi) minimising KL: a ZOOM_GRID x ZOOM_GRID grid of
-    edges, then the same grid again around the best, two grid steps wide, until steps are one bin.
-    Costs O(rounds * ZOOM_GRID^2 * levels) instead of O(bins^2 * levels)."""
+def _zoom_search(counts: np.ndarray, raw: np.ndarray, lo_span: tuple[int, int], hi_span: tuple[int, int]) -> tuple[int, int]:
+    """Coarse-to-fine search of the admissible window [lo, hi) minimising KL: a ZOOM_GRID x
+    ZOOM_GRID grid of edges, then the same grid again around the best, two grid steps wide, until
+    steps are one bin. Costs O(rounds * ZOOM_GRID^2 * levels) instead of O(bins^2 * levels).
+    The whole span is a candidate of the first round and always admissible. `counts`: the
+    histogram KL is computed on (zero spike flattened); `raw`: the values as they are, for the
+    noise that decides admissibility."""
     (lo_a, lo_b), (hi_a, hi_b) = lo_span, hi_span
     sums = _PrefixSums.of(counts)
-    best = None
+    noise_sums = _tail_sums(raw)
+    whole = float(_noise_two_sided(noise_sums, np.array([lo_a]), np.array([hi_b]), 1.0)[0, 0])
+    best, best_kl = (lo_a, hi_b), np.inf
     while True:
         lo_idx = np.unique(np.linspace(lo_a, lo_b, min(lo_b - lo_a + 1, ZOOM_GRID)).round().astype(np.int64))
         hi_idx = np.unique(np.linspace(hi_a, hi_b, min(hi_b - hi_a + 1, ZOOM_GRID)).round().astype(np.int64))
-        best = _best_window(sums, lo_idx, hi_idx, fallback=best)
+        window, kl = _best_window(sums, noise_sums, whole, lo_idx, hi_idx)
+        if kl < best_kl:
+            best, best_kl = window, kl
         step_lo = int(np.max(np.diff(lo_idx), initial=1))
         step_hi = int(np.max(np.diff(hi_idx), initial=1))
         if step_lo <= 1 and step_hi <= 1:
@@ -343,16 +385,20 @@ def _zoom_search(counts: np.ndarray, lo_span: tuple[int, int], hi_span: tuple[in
         hi_a, hi_b = max(hi_span[0], best[1] - step_hi), min(hi_span[1], best[1] + step_hi)
 
 
-def _best_window(sums: _PrefixSums, lo_idx, hi_idx, fallback=None) -> tuple[int, int]:
+def _best_window(sums: _PrefixSums, noise_sums: tuple[np.ndarray, ...], whole_noise: float, lo_idx, hi_idx) -> tuple[tuple[int, int], float]:
+    """The grid's admissible window of least KL and its KL (inf when none is admissible)."""
+    C = noise_sums[0]  # cumulative counts of the values as they are
+    outside = C[lo_idx][:, None] + (C[-1] - C[hi_idx])[None, :]
+    allowed = _admissible(_noise_two_sided(noise_sums, lo_idx, hi_idx, 1.0), whole_noise, outside, float(C[-1])).ravel()
     a, b = np.meshgrid(lo_idx, hi_idx, indexing="ij")
     a, b = a.ravel(), b.ravel()
-    ok = (b - a) >= LEVELS
+    ok = ((b - a) >= LEVELS) & allowed
     if not ok.any():
-        return fallback if fallback is not None else (int(lo_idx[0]), int(hi_idx[-1]))
+        return (int(lo_idx[0]), int(hi_idx[-1])), np.inf
     a, b = a[ok], b[ok]
     kl = _kl_windows(sums, a, b, LEVELS)
     k = int(np.argmin(kl))
-    return int(a[k]), int(b[k])
+    return (int(a[k]), int(b[k])), float(kl[k])
 
 
 def _xlogx(v: np.ndarray) -> np.ndarray:
