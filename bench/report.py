@@ -10,6 +10,7 @@ TITLES = {
     "seed": "2. The reference product's model families (random weights)",
     "onnx": "3. ONNX in, quantized ONNX out: torchq's backend vs onnxruntime's quantizer (issue 3)",
     "zoo": "4. Latency of the test zoo (issue 2)",
+    "robustness": "5. No calibration method collapses: real OCR models and a hard-swish net (issue 18)",
 }
 
 WHY_SLOW = """\

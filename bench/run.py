@@ -1,7 +1,8 @@
 """Regenerate docs/BENCHMARKS.md and its plots: `python -m bench.run [--quick] [--out DIR]`.
 
 Sections (each also runnable alone with --only): accuracy (issue 6), seed (the reference
-product's families), onnx (issue 3: ONNX path vs onnxruntime), zoo (issue 2: latency).
+product's families), onnx (issue 3: ONNX path vs onnxruntime), zoo (issue 2: latency), robustness
+(issue 18: the ten methods on real OCR models and a hard-swish net).
 --quick runs tiny settings (the test suite uses it) and writes to out/bench-quick by default,
 never over docs/.
 """
@@ -22,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .common import DOCS, ROOT, Settings  # noqa: E402
 
-SECTIONS = ("accuracy", "seed", "onnx", "zoo")
+SECTIONS = ("accuracy", "seed", "onnx", "zoo", "robustness")
 
 
 def _machine() -> str:
@@ -81,9 +82,11 @@ def _load_section(workdir: Path, name: str):
 
 def _rerender(name: str, result, text: str) -> str:
     """A cached section's markdown from its measurements, with the current rendering code."""
-    from . import accuracy, onnx_path, seed, zoo_latency
+    from . import accuracy, onnx_path, robustness, seed, zoo_latency
 
     try:
+        if name == "robustness":
+            return robustness.render_models(result)
         if name == "accuracy":
             return accuracy.render(result)
         if name == "seed":
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
 
-    from . import accuracy, onnx_path, plots, report, seed, zoo_latency
+    from . import accuracy, onnx_path, plots, report, robustness, seed, zoo_latency
 
     results: dict = {}
     texts: dict[str, str] = {}
@@ -135,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             texts[name], results[name] = onnx_path.run_section(settings, workdir, [s for s in accuracy.subjects(settings) if "unpadded" not in s.name], log)
         elif name == "zoo":
             texts[name], results[name] = zoo_latency.run_section(settings, workdir, log)
+        elif name == "robustness":
+            texts[name], results[name] = robustness.run_section(settings, workdir, log)
         section_time[name] = time.perf_counter() - t0
         log(f"section {name} done in {section_time[name]:.0f} s")
         _save_section(workdir, name, texts[name], results[name], section_time[name])

@@ -254,3 +254,37 @@ def test_a_zero_scale_before_a_padded_conv_stays():
     assert [n.op_type for n in optimized.graph.node] == ["Mul", "Add", "Conv"]
     x = RNG.standard_normal((1, 4, 6, 6)).astype(np.float32)
     np.testing.assert_allclose(run(optimized, {"x": x}), run(model, {"x": x}), rtol=1e-5, atol=1e-5)
+
+
+# ---- real models as paddle2onnx wrote them --------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, batchnorms", [("ch_ppocr_mobile_v2.0_cls_infer.onnx", 35), ("ch_PP-OCRv4_rec_infer.onnx", 6)])
+def test_paddleocr_models_keep_no_batchnorm_step(name, batchnorms):
+    """PaddleOCR's classifier and recognizer (rapidocr-onnxruntime, the bench extra): weights are
+    Constant nodes; every BatchNorm folds, no constant step is left right after a layer, and the
+    function is kept."""
+    pytest.importorskip("rapidocr_onnxruntime", reason="the PaddleOCR models ship in rapidocr-onnxruntime (pip install -e '.[bench]')")
+    from bench import ocr
+
+    model = ocr.load(name)
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == batchnorms
+    optimized = optimize_model(model)
+    producers = {o: n.op_type for n in optimized.graph.node for o in n.output}
+    constants = {t.name for t in optimized.graph.initializer}
+    readers: dict[str, int] = {}
+    for n in optimized.graph.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    assert not any(n.op_type == "BatchNormalization" for n in optimized.graph.node)
+    after_layer = [
+        n.name
+        for n in optimized.graph.node
+        if n.op_type in ("Mul", "Add")
+        and any(i in constants for i in n.input)
+        and any(producers.get(i) in ("Conv", "Gemm") and readers[i] == 1 for i in n.input)
+    ]
+    assert after_layer == []
+    shape = ocr.CLS_SHAPE if "cls" in name else ocr.REC_SHAPE
+    x = np.stack([ocr.preprocess(im, shape) for im in ocr.lines(2, seed=5).images])
+    np.testing.assert_allclose(run(optimized, {"x": x}), run(model, {"x": x}), rtol=1e-3, atol=1e-4)

@@ -48,7 +48,7 @@ def report(tmp_path_factory) -> Path:
 
 def test_every_section_is_written(report):
     text = (report / "BENCHMARKS.md").read_text()
-    for heading in ("## 1. Accuracy", "## 2. The reference product", "## 3. ONNX in", "## 4. Latency of the test zoo", "## Why INT8 is slow"):
+    for heading in ("## 1. Accuracy", "## 2. The reference product", "## 3. ONNX in", "## 4. Latency of the test zoo", "## 5. No calibration method collapses", "## Why INT8 is slow"):
         assert heading in text, heading
     assert "python -m bench.run --quick" in text
 
@@ -102,6 +102,22 @@ def test_plots_and_raw_results(report):
     data = json.loads((report / "bench" / "results.json").read_text())
     assert set(data) == set(run.SECTIONS)
     assert data["accuracy"][0]["subject"] == "digits_cnn"
+
+
+def test_robustness_section_judges_every_method_on_the_real_models(report):
+    text = (report / "BENCHMARKS.md").read_text()
+    section = text.split("## 5. No calibration method collapses", 1)[1].split("\n## ", 1)[0]
+    for model in ("ocr_rec", "ocr_cls", "mobilenet_v3"):
+        assert f"### {model}" in section, model
+    # the paddle2onnx classifier's 35 BatchNorms (Constant-node weights) all fold
+    assert "BatchNormalization in 35, BatchNormalization out 0" in section
+    tables = _tables(section)
+    assert len(tables) == 3
+    for t in tables:
+        rows = [_cells(line) for line in t[2:]]
+        assert [r[0] for r in rows] == ["min_max_asym", "min_max_sym", "entropy_asym", "entropy_sym", "percentile_asym", "percentile_sym", "mse_asym", "mse_sym", "sqnr_asym", "sqnr_sym"]
+        assert all(re.fullmatch(r"-?\d+\.\d\d", r[2]) for r in rows), rows
+        assert all(r[4] == "ok" or r[4].startswith("MISSED") for r in rows), rows
 
 
 def test_onnx_path_reports_the_technique_flags(report):
