@@ -10,7 +10,9 @@ Models:
   ocr_rec          PaddleOCR PP-OCRv4 text recognizer (CTC, 6625 classes), as paddle2onnx wrote
                    it, from the rapidocr-onnxruntime wheel (bench/ocr.py). Metric: exact match of
                    the INT8 model's greedy CTC decoding of whole text lines with the float
-                   model's, on rendered lines disjoint from the calibration lines.
+                   model's (spaces at the ends of a line ignored: the zero padding on the right
+                   makes the model emit them), on rendered lines disjoint from the calibration
+                   lines. The float model reads 97 % of the lines exactly right.
   ocr_cls          PaddleOCR mobile v2.0 orientation classifier (MobileNetV3-style: hard-swish,
                    squeeze-excitation, 35 BatchNorms as separate nodes, Constant-node weights).
                    Metric: agreement with float on each line upright and rotated 180 degrees.
@@ -75,7 +77,8 @@ def _rec(n_calib: int, n_eval: int) -> Model:
     x = ocr.recognizer_inputs(calib)
 
     def agreement(ref: np.ndarray, out: np.ndarray) -> float:
-        return 100.0 * float(np.mean([a == b for a, b in zip(ocr.ctc_greedy(out), ocr.ctc_greedy(ref))]))
+        # whole lines, without the spaces the padding on the right makes the model emit at the ends
+        return 100.0 * float(np.mean([a.strip() == b.strip() for a, b in zip(ocr.ctc_greedy(out), ocr.ctc_greedy(ref))]))
 
     return Model(
         "ocr_rec",

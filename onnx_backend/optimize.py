@@ -300,7 +300,9 @@ class AffineAfterLinear(pattern.RewriteRuleClassBase):
 class AffineBeforeConv(pattern.RewriteRuleClassBase):
     """Mul, Div, Add or Sub by a constant that varies only along the channels, read only by a
     Conv -> the Conv with scaled weights (a scale) or a shifted bias (a shift). A scale is always
-    exact; a shift only without padding (padding adds zeros, not shifted zeros)."""
+    exact; a shift only without padding (padding adds zeros, not shifted zeros). A scale and shift
+    before a padded Conv stay as they are: x * s + t = (x + t / s) * s would fold the scale, but
+    x + t / s is a tensor the PyTorch path never observed, so it would have no range."""
 
     def __init__(self, step: str):
         super().__init__(f"{step}BeforeConv")
@@ -394,58 +396,6 @@ class MergeConstantSteps(pattern.RewriteRuleClassBase):
         return op.Mul(x, c) if STEPS[self.inner] == "scale" else op.Add(x, c)
 
 
-class ShiftFirstBeforePaddedConv(pattern.RewriteRuleClassBase):
-    """x * s + t (or x / d + t) read only by a padded Conv -> (x + t / s) * s, so that the scale
-    folds into the Conv's weights (AffineBeforeConv) and only the shift stays (s without zeros).
-    The same function: the Conv's padding pads x + t / s with zeros, as it padded x * s + t."""
-
-    def __init__(self, scale_step: str):
-        super().__init__(f"ShiftFirstAfter{scale_step}")
-        self.scale_step = scale_step
-
-    def pattern(self, op, x, s, t):
-        scaled = getattr(op, self.scale_step)(x, s, _outputs=["scaled"])
-        shifted = op.Add(scaled, t, _outputs=["shifted"])
-        return op.Conv(shifted, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["out"])
-
-    def _vectors(self, conv: ir.Node, s: ir.Value, t: ir.Value) -> tuple[np.ndarray, np.ndarray] | None:
-        rank = conv.inputs[1].const_value.numpy().ndim
-        vs, vt = _channel_vector(s, rank, 1), _channel_vector(t, rank, 1)
-        if vs is None or vt is None or np.any(vs == 0) or 1 not in (vs.size, vt.size) and vs.size != vt.size:
-            return None
-        vs = _step_vector(self.scale_step, vs)
-        n = max(vs.size, vt.size)
-        return np.broadcast_to(vs, (n,)), np.broadcast_to(vt.astype(np.float64), (n,))
-
-    def check(self, context, x, s, t, scaled, shifted, out, **_):
-        result = pattern.MatchResult()
-        conv = out.producer()
-        if (why := _LinearLayer(conv).foldable()) is not None:
-            return result.fail(why)
-        if _no_padding(conv):
-            return result.fail("no padding: both steps fold as they are")
-        if conv.inputs[0] is not shifted or not _only_use(shifted, conv) or not _only_use(scaled, shifted.producer()):
-            return result.fail("the steps have other readers")
-        if x.const_value is not None:
-            return result.fail("both operands are constant")
-        if self._vectors(conv, s, t) is None:
-            return result.fail("not constants per channel, or a zero scale")
-        return result
-
-    def rewrite(self, op, x, s, t, scaled, shifted, out, **_):
-        conv = out.producer()
-        rank = conv.inputs[1].const_value.numpy().ndim
-        dtype = ir.convenience.get_const_tensor(t).numpy().dtype
-        vs, vt = self._vectors(conv, s, t)
-        shape = (1, vs.size) + (1,) * (rank - 2) if vs.size > 1 else ()
-        graph = out.producer().graph
-        shift = op.initializer(ir.tensor((vt / vs).astype(dtype).reshape(shape)), name=_fresh_name(graph, f"{shifted.name}.shift"))
-        scale = op.initializer(ir.tensor(vs.astype(dtype).reshape(shape)), name=_fresh_name(graph, f"{shifted.name}.scale"))
-        moved = op.Mul(op.Add(x, shift), scale)
-        _same_type(moved, scaled, scaled.shape)
-        return op.Conv(moved, *conv.inputs[1:], **dict(conv.attributes))
-
-
 def _no_padding(conv: ir.Node) -> bool:
     auto_pad = conv.attributes.get_string("auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
@@ -459,12 +409,10 @@ AFFINE_RULES = [
     *(AffineAfterLinear.rule(producer, step) for producer in LINEAR_OPS for step in ("Mul", "Add")),
     *(AffineBeforeConv.rule(step) for step in ("Mul", "Add")),
     *(MergeConstantSteps.rule(inner, outer) for inner, outer in (("Mul", "Mul"), ("Add", "Add"))),
-    ShiftFirstBeforePaddedConv.rule("Mul"),
 ]
 ORDERED_AFFINE_RULES = [
     *(AffineAfterLinear.rule(producer, step) for producer in LINEAR_OPS for step in ("Div", "Sub")),
     *(AffineBeforeConv.rule(step) for step in ("Div", "Sub")),
-    ShiftFirstBeforePaddedConv.rule("Div"),
     *(MergeConstantSteps.rule(inner, outer) for inner, outer in (("Div", "Mul"), ("Mul", "Div"), ("Div", "Div"), ("Sub", "Add"), ("Add", "Sub"), ("Sub", "Sub"))),
 ]
 REWRITE_RULES = [
