@@ -457,10 +457,26 @@ AFFINE_ROUNDS = 8
 
 def constants_as_initializers(model: ir.Model) -> None:
     """Constants in any form the exporter wrote them -> initializers read directly: `Constant`
-    nodes lifted (every size), Identity nodes (chains too) bypassed. onnxscript's fusion rules
-    take only initializers."""
+    nodes lifted (every size), Identity nodes of constants (chains too) bypassed. onnxscript's
+    fusion rules take only initializers."""
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model)
-    common_passes.IdentityEliminationPass()(model)
+    _bypass_identities_of_constants(model.graph)
+
+
+def _bypass_identities_of_constants(graph: ir.Graph) -> None:
+    """Readers of Identity(constant) read the constant itself, in the main graph only.
+
+    Written here rather than onnx_ir's IdentityEliminationPass: that pass also renames values
+    inside subgraphs, and an If branch whose output is an Identity of an outer-scope value then
+    makes the outer value a subgraph output (it fails on nested Ifs)."""
+    for node in list(graph):
+        if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1 or len(node.outputs) != 1:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if source is None or source.const_value is None or not source.is_initializer() or out.is_graph_output():
+            continue
+        out.replace_all_uses_with(source)
+        graph.remove(node, safe=True)
 
 
 def fold_affine_steps(model: ir.Model) -> int:
