@@ -247,7 +247,7 @@ def render(results: list[Result], command: str, minutes: float) -> str:
         "docs/METHODS.md defines the methods.",
         "",
     ]
-    return "\n".join(header) + render_models(results, "##")
+    return "\n".join(header) + "\n" + render_models(results, "##")
 
 
 def run_section(settings, workdir, log=print) -> tuple[str, list[Result]]:
