@@ -21,7 +21,7 @@ def digits_models(tmp_path_factory):
     model = digits.load_trained(out)
     x = torch.from_numpy(digits.test_set()[0][:1])
     torch.onnx.export(model, (x,), out / "digits.onnx", dynamo=True, input_names=["image"], output_names=["logits"], dynamic_axes=DYNAMIC, verbose=False)
-    for name, config in (("mse", torchq.QuantConfig(method="mse")), ("clipped", torchq.QuantConfig(overrides=[{"pattern": "features.2", "method": "percentile", "percentile": 90.0}]))):
+    for name, config in (("mse", torchq.QuantConfig(method="mse")), ("clipped", torchq.QuantConfig(overrides=[{"pattern": "features.2", "method": "percentile", "percentile": 80.0}]))):
         torchq.quantize(model, digits.calibration_loader(), (x,), config, out / f"digits.{name}.onnx", input_names=["image"], output_names=["logits"], dynamic_axes=DYNAMIC, quiet=True)
     np.savez(out / "calib.npz", image=digits.load_data()["x_train"][:256])
     return {"dir": out, "float": out / "digits.onnx", "mse": out / "digits.mse.onnx", "clipped": out / "digits.clipped.onnx", "data": out / "calib.npz"}

@@ -97,8 +97,9 @@ CASES = [
     OpCase("sub", lambda: TwoBranch(lambda a, b: a - b), ("Sub",)),
     OpCase("mul", lambda: TwoBranch(lambda a, b: a * b), ("Mul",)),
     OpCase("add_relu", lambda: TwoBranch(lambda a, b: F.relu(a + b)), ("Add",)),
-    OpCase("div_const", lambda: Lambda(lambda y: y / 3.0), ("Div",)),
-    OpCase("mul_const", lambda: Lambda(lambda y: y * 0.75), ("Mul",)),
+    # after a Sigmoid: a step right after the Conv folds into its weights (onnx_backend.optimize)
+    OpCase("div_const", lambda: Lambda(lambda y: torch.sigmoid(y) / 3.0), ("Div",)),
+    OpCase("mul_const", lambda: Lambda(lambda y: torch.sigmoid(y) * 0.75), ("Mul",)),
     OpCase("concat", lambda: TwoBranch(lambda a, b: torch.cat([a, b], dim=1)), ("Concat",)),
     OpCase("max", lambda: TwoBranch(torch.maximum), ("Max",)),
     OpCase("slice", lambda: Lambda(lambda y: y[:, 2:7, 1:-1]), ("Slice",)),
