@@ -21,6 +21,9 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
 7. A node whose float outputs only reach integer casts and shape inputs (directly or through
    other such nodes: T5's relative-position buckets, float arithmetic on shapes) stays in float,
    exact: no Q/DQ moves the integers it computes.
+8. A Conv / ConvTranspose / Gemm the target leaves on the host between quantized activations
+   has its weights stored int8 per channel (and its bias int32), as an int8 node's: onnxruntime
+   would otherwise quantize float weights there itself, per tensor.
 
 Every float tensor next to an int8 node that stays float is listed with the reason.
 """
@@ -404,10 +407,12 @@ class Planner:
     def _plan_weights(self) -> None:
         for node in self.graph:
             rule = spec.rule_for(node.op_type)
-            if not self.runs_int8(node):
-                continue
             w_idx = rule.weight_input
             w = _const_array(node.inputs[w_idx]) if w_idx is not None and w_idx < len(node.inputs) else None
+            if not self.runs_int8(node):
+                if w is not None and w.dtype == np.float32 and w.ndim >= 2 and self._host_between_quantized(node):
+                    self._plan_weight(node, rule, w, on_failure=lambda why: None)
+                continue
             if w is not None and w.dtype == np.float32 and w.ndim >= 2:
                 self._plan_weight(node, rule, w)
             elif w is not None:  # a constant weight input that cannot take the weight rule
@@ -415,10 +420,32 @@ class Planner:
             if self.runs_int8(node):  # _plan_weight may have kept it in float
                 self._plan_constants(node)
 
-    def _plan_weight(self, node: ir.Node, rule: spec.OpRule, w: np.ndarray) -> None:
+    def _host_between_quantized(self, node: ir.Node) -> bool:
+        """A Conv / ConvTranspose / Gemm the target leaves on the host, reading a quantized
+        activation and writing one that is quantized (directly or through an absorbed Relu/Clip).
+
+        Its weights are stored int8 per output channel and its bias int32, exactly as an int8
+        node's: with float weights between a DequantizeLinear and a QuantizeLinear, onnxruntime's
+        default graph optimization (its WeightBiasQuantization transformer) quantizes them itself,
+        per tensor, and a depthwise Conv loses most of its channels' precision. Stored per channel,
+        the model runs the same with every onnxruntime optimization level, and the host computes
+        on the dequantized values. npu.check still reports the node on the host, for the target's
+        reason."""
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm") or len(node.outputs) != 1:
+            return False
+        if self._activation_params_of(node.inputs[0]) is None:
+            return False
+        out = node.outputs[0]
+        if out.name in self.plan.activations:
+            return True
+        uses = list(out.uses())
+        return len(uses) == 1 and not out.is_graph_output() and uses[0].node.name in self.plan.absorbed
+
+    def _plan_weight(self, node: ir.Node, rule: spec.OpRule, w: np.ndarray, on_failure: Callable[[str], None] | None = None) -> None:
+        fail = on_failure or (lambda why: self._keep_float(node, why))
         in_scale = self._input_scale(node)
         if in_scale is None:
-            self._keep_float(node, "its input activation is not quantized, so its weights stay float")
+            fail("its input activation is not quantized, so its weights stay float")
             return
         attrs = {k: a.value for k, a in node.attributes.items()}
         axis = spec.weight_axis(node.op_type, attrs, w.shape) if self.per_channel else None
@@ -430,12 +457,12 @@ class Planner:
             bias_at = self._matmul_bias(node, w.shape[-1])
         bias = _const_array(bias_at[0].inputs[bias_at[1]]) if bias_at else None
         if bias_at is not None and bias_at[0] is node and (bias is None or bias.ndim != 1 or bias.dtype != np.float32):
-            self._keep_float(node, "its bias is not a constant float32 vector, so it cannot become an int32 bias")
+            fail("its bias is not a constant float32 vector, so it cannot become an int32 bias")
             return
         if bias is not None and (bias.ndim != 1 or bias.dtype != np.float32):
             bias_at, bias = None, None
         if not np.all(np.isfinite(w)) or (bias is not None and not np.all(np.isfinite(bias))):
-            self._keep_float(node, "its weight or bias holds Inf/NaN")
+            fail("its weight or bias holds Inf/NaN")
             return
         min_scale = 0.0
         n_out = _output_channels(node.op_type, attrs, w.shape)
@@ -448,7 +475,7 @@ class Planner:
             wp = qmath.weight_params(w, axis, min_scale=min_scale)
             bp = self._bias_params(in_scale, wp, node, w, bias.shape[0]) if bias is not None else None
         except qmath.ScaleOverflowError as exc:
-            self._keep_float(node, f"kept in float: {exc}")
+            fail(f"kept in float: {exc}")
             return
         self.plan.constants.append(ConstantQuant(node.name, rule.weight_input, wp, "weight"))
         if bias is not None:
