@@ -21,7 +21,10 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
 7. A node whose float outputs only reach integer casts and shape inputs (directly or through
    other such nodes: T5's relative-position buckets, float arithmetic on shapes) stays in float,
    exact: no Q/DQ moves the integers it computes.
-8. A Conv / ConvTranspose / Gemm the target leaves on the host between quantized activations
+8. A Linear layer (Gemm, MatMul + bias Add) writing a model output runs on the host in float
+   (`float_output_layers`): the output is what the user reads, and an int8 grid fitted on the
+   calibration data clips a classifier's largest logits and ties its top classes.
+9. A Conv / ConvTranspose / Gemm the target leaves on the host between quantized activations
    has its weights stored int8 per channel (and its bias int32), as an int8 node's: onnxruntime
    would otherwise quantize float weights there itself, per tensor.
 
@@ -41,6 +44,7 @@ from .errors import InvalidModelError
 from .qmath import QuantParams
 
 Supports = Callable[[ir.Node], tuple[bool, str]]
+OUTPUT_LAYER_REASON = "a Linear layer writing a model output: computed in float on the host, so the output is not rounded to an int8 grid"
 FLOAT_TYPES = {ir.DataType.FLOAT}
 INTEGER_ARITHMETIC = "integer arithmetic: its outputs only reach integer casts and shape inputs, so it stays exact in float"
 
@@ -151,6 +155,7 @@ class Planner:
         exclude_nodes: set[str] | frozenset[str] = frozenset(),
         exclude_tensors: set[str] | frozenset[str] = frozenset(),
         symmetric_constants: bool = False,
+        float_output_layers: bool = True,
     ):
         self.graph = model.graph
         self.ranges = inferred_ranges(model.graph, ranges)
@@ -158,6 +163,7 @@ class Planner:
         self.supports = supports
         self.exclude_nodes = set(exclude_nodes) | self._producers_of(exclude_tensors)
         self.symmetric_constants = symmetric_constants
+        self.float_output_layers = float_output_layers
         self.plan = QuantPlan()
         self.int8: dict[int, bool] = {}
         self.biases_of_matmul: dict[str, tuple[ir.Node, int]] = {}  # matmul name -> (add, index)
@@ -223,6 +229,32 @@ class Planner:
                 self.plan.int8_nodes.append(name)
             elif why not in ("not a float activation op", "no float activations"):
                 self.plan.float_nodes[name] = why
+
+    def _keep_output_layers_float(self) -> None:
+        """A Linear layer (Gemm, or MatMul with a constant weight and its bias Add) that writes a
+        model output runs on the host in float. Quantized, the output would be rounded to an int8
+        grid fitted on the calibration data: a classifier's largest logit, the one its argmax
+        reads, is the tail such a range clips (inputs more confident than any calibration sample
+        saturate, and the top classes tie), and the grid's step is coarser than the gap between
+        near-tied classes. A Linear head costs the host one small matrix product."""
+        for node in self.graph:
+            members = self._linear_writing_output(node)
+            if members and all(self.runs_int8(n) for n in members):
+                for n in members:
+                    self._keep_float(n, OUTPUT_LAYER_REASON)
+
+    def _linear_writing_output(self, node: ir.Node) -> list[ir.Node]:
+        if node.op_type not in ("Gemm", "MatMul") or len(node.inputs) < 2 or _const_array(node.inputs[1]) is None:
+            return []
+        out = node.outputs[0]
+        if out.is_graph_output():
+            return [node]
+        uses = list(out.uses())
+        if node.op_type == "MatMul" and len(uses) == 1 and uses[0].node.op_type == "Add":
+            add = uses[0].node
+            if _const_array(add.inputs[1 - uses[0].idx]) is not None and add.outputs[0].is_graph_output():
+                return [node, add]
+        return []
 
     def _join_host_islands(self) -> None:
         """An elementwise Add/Sub/Mul that reads a tensor the host computes, and whose output only
@@ -549,6 +581,8 @@ class Planner:
 
     def run(self) -> QuantPlan:
         self._decide_nodes()
+        if self.float_output_layers:
+            self._keep_output_layers_float()
         self._join_host_islands()
         self._plan_activations()
         self._plan_weights()

@@ -106,6 +106,7 @@ def quantize_with_report(
     activation_dtype: str = "int8",
     consume_input: bool = False,
     weight_overrides: Mapping[str, np.ndarray] | None = None,
+    float_output_layers: bool = True,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Quantize and also return the report of what stayed in float and why.
 
@@ -113,7 +114,8 @@ def quantize_with_report(
     instead of copied (one model's size less at the peak; torchq.export uses it).
     `weight_overrides` maps weight initializer names to integer arrays that replace
     round-to-nearest (AdaRound's learned rounding): same scales, each value floor or ceil of
-    weight / scale; anything else is an error.
+    weight / scale; anything else is an error. `float_output_layers` (default) keeps a Linear
+    layer that writes a model output in float on the host (see the planner, rule 7).
     """
     if activation_dtype not in ACTIVATION_DTYPES:
         raise ConfigError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
@@ -126,6 +128,7 @@ def quantize_with_report(
         supports=resolve_target(target),
         exclude_nodes=excluded,
         exclude_tensors=set(exclude_tensors),
+        float_output_layers=float_output_layers,
     )
     apply_plan(ir_model, plan, weight_overrides)
     proto = apply_pending(ir.serde.serialize_model(ir_model))
