@@ -6,6 +6,7 @@ import datetime
 from pathlib import Path
 
 TITLES = {
+    "imagenet": "0. ImageNet-pretrained EfficientNet-Lite0 / Lite1, as users run them (issue 16)",
     "accuracy": "1. Accuracy: trained models on real data, and pretrained weights (issue 6)",
     "seed": "2. The reference product's model families (random weights)",
     "onnx": "3. ONNX in, quantized ONNX out: torchq's backend vs onnxruntime's quantizer (issue 3)",
@@ -129,6 +130,18 @@ def summary(results: dict) -> str:
     import numpy as np
 
     lines = ["## Targets at a glance", "", "| target | verdict | detail |", "|---|---|---|"]
+    for r in results.get("imagenet") or []:
+        ours = {c.setting: c.result for c in r.cells if c.tool == "torchq" and c.result is not None}
+        peers = [c.result.top1 for c in r.cells if c.tool != "torchq" and c.result is not None]
+        default = ours.get("mse_asym")
+        if default is not None:
+            met = default.top1 >= 98 and default.top5 >= 100 and all(default.top1 >= p for p in peers)
+            worst = min(ours, key=lambda k: ours[k].top1)
+            lines.append(
+                f"| {r.model}: default config ≥ 98 % top-1 agreement, 100 % top-5, ahead of onnxruntime and PT2E ({r.evaluation} crops, onnxruntime default session) | {_yes(met)} | "
+                f"default {default.top1:.1f} % / {default.top5:.1f} %; peers " + ", ".join(f"{c.tool} {c.result.top1:.1f} %" for c in r.cells if c.tool != "torchq" and c.result is not None)
+                + f"; best torchq setting {max(ours, key=lambda k: ours[k].top1)} {max(a.top1 for a in ours.values()):.1f} %, worst {worst} {ours[worst].top1:.1f} % |"
+            )
     acc = results.get("accuracy") or []
     if acc:
         cnn = [r for r in acc if r.conv_net]

@@ -1,6 +1,7 @@
 """Regenerate docs/BENCHMARKS.md and its plots: `python -m bench.run [--quick] [--out DIR]`.
 
-Sections (each also runnable alone with --only): accuracy (issue 6), seed (the reference
+Sections (each also runnable alone with --only): imagenet (ImageNet-pretrained EfficientNet-Lite0 /
+Lite1 on natural-photo crops, issue 16), accuracy (issue 6), seed (the reference
 product's families), onnx (issue 3: ONNX path vs onnxruntime), zoo (issue 2: latency), robustness
 (issue 18: the ten methods on real OCR models and a hard-swish net).
 --quick runs tiny settings (the test suite uses it) and writes to out/bench-quick by default,
@@ -23,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .common import DOCS, ROOT, Settings  # noqa: E402
 
-SECTIONS = ("accuracy", "seed", "onnx", "zoo", "robustness")
+SECTIONS = ("imagenet", "accuracy", "seed", "onnx", "zoo", "robustness")
 
 
 def _machine() -> str:
@@ -82,9 +83,11 @@ def _load_section(workdir: Path, name: str):
 
 def _rerender(name: str, result, text: str) -> str:
     """A cached section's markdown from its measurements, with the current rendering code."""
-    from . import accuracy, onnx_path, robustness, seed, zoo_latency
+    from . import accuracy, imagenet, onnx_path, robustness, seed, zoo_latency
 
     try:
+        if name == "imagenet":
+            return imagenet.render(result, "python -m bench.run --only imagenet")
         if name == "robustness":
             return robustness.render_models(result)
         if name == "accuracy":
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
 
-    from . import accuracy, onnx_path, plots, report, robustness, seed, zoo_latency
+    from . import accuracy, imagenet, onnx_path, plots, report, robustness, seed, zoo_latency
 
     results: dict = {}
     texts: dict[str, str] = {}
@@ -130,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     stamps: dict[str, str] = {}  # sections taken from an earlier run's cache: when they were measured
     for name in sections:
         t0 = time.perf_counter()
-        if name == "accuracy":
+        if name == "imagenet":
+            texts[name], results[name] = imagenet.run_section(settings, workdir, log)
+        elif name == "accuracy":
             texts[name], results[name] = accuracy.run_section(settings, workdir, log)
         elif name == "seed":
             texts[name], results[name] = seed.run_section(settings, workdir, log)
