@@ -149,13 +149,16 @@ def ort_fused_ops(qmodel, tmp_path) -> dict[str, int]:
 
 @pytest.mark.parametrize("name", ["conv_bn_relu", "residual", "inception", "depthwise_separable", "squeeze_excitation", "flatten_linear", "two_in_two_out", "unet"])
 def test_uint8_storage_lets_onnxruntime_run_every_conv_in_integer_kernels(name, tmp_path):
-    """QDQ placement that onnxruntime fuses: no float Conv/Gemm/Add/Concat/pooling survives."""
+    """QDQ placement that onnxruntime fuses: no float Conv/Gemm/Add/Concat/pooling survives, but
+    for a Linear head writing a model output, which stays float by design (planner rule 7)."""
     entry = ZOO[name]
-    model, qmodel, _ = quantize_entry(entry, torchq.QuantConfig(activation_dtype="uint8"))
+    model, qmodel, report = quantize_entry(entry, torchq.QuantConfig(activation_dtype="uint8"))
     assert_valid(qmodel)
     assert output_sqnr(entry, model, qmodel) >= SQNR_MIN_DB["mse"]
     ops = ort_fused_ops(qmodel, tmp_path)
-    assert not {"Conv", "Gemm", "MatMul", "Add", "Concat", "GlobalAveragePool", "ReduceMean"} & set(ops), ops
+    heads = sum("writing a model output" in why for why in report.backend.float_nodes.values())
+    assert ops.get("Gemm", 0) + ops.get("MatMul", 0) <= heads, (ops, report.backend.float_nodes)
+    assert not {"Conv", "Add", "Concat", "GlobalAveragePool", "ReduceMean"} & set(ops), ops
     assert ops.get("QLinearConv", 0) >= 1
 
 
