@@ -82,6 +82,31 @@ def test_adaround_is_never_worse_than_nearest_on_its_objective(iterations):
         assert info["kept"] == "adaround" and info["adaround"] < info["nearest"]
 
 
+@pytest.mark.parametrize(("stride", "padding", "dilation", "groups"), [(1, 1, 1, 1), (2, 1, 1, 4), (2, 2, 1, 8), (1, 0, 2, 1)])
+def test_adaround_conv_windows_are_exact_parts_of_the_whole_output(stride, padding, dilation, groups):
+    """AdaRound steps on output windows: each window, convolved from its receptive field of the
+    padded input, equals the same part of the whole output (borders included)."""
+    conv = torch.nn.Conv2d(8, 8, 3 if dilation > 1 else 5, stride=stride, padding=padding, dilation=dilation, groups=groups).eval()
+    x = torch.randn(2, 8, 23, 21)
+    layer = weighted_layers(_graph_of(conv, x))[0]
+    op = LayerOp(layer, layer.bias_array())
+    w = torch.tensor(const(layer.weight))
+    with torch.no_grad():
+        whole, xp = op(x, w), op.padded(x)
+        np.testing.assert_allclose(whole.numpy(), conv(x).numpy(), atol=1e-5)
+        h, wd = whole.shape[2:]
+        size = [min(5, h), min(7, wd)]
+        for starts in ([0, 0], [h - size[0], wd - size[1]], [1, 2]):
+            part = op.window(xp, w, starts, size)
+            np.testing.assert_allclose(part.numpy(), whole[:, :, starts[0] : starts[0] + size[0], starts[1] : starts[1] + size[1]].numpy(), atol=1e-5)
+
+
+def _graph_of(module, x):
+    from onnx_backend.techniques.graph import prepare
+
+    return prepare(export(module, (x,)), None)
+
+
 def test_adaround_weights_reach_the_quantized_model():
     prepared = _conv_layer_data()
     report = AdaRoundReport()
