@@ -91,14 +91,13 @@ def depth_waves(model: ir.Model, layers: Sequence[Layer]) -> list[list[Layer]]:
     return [waves[k] for k in sorted(waves)]
 
 
-def correct_bias(model: ir.Model, feeds: Sequence[Feeds], quantize: Quantize, *, sweeps: int = 1, layer_names: set[str] | None = None) -> BiasCorrectionReport:
+def correct_bias(model: ir.Model, feeds: Sequence[Feeds], quantize: Quantize, *, sweeps: int = 1, int8_nodes: set[str] | None = None) -> BiasCorrectionReport:
     """Correct the biases of `model` in place so that the quantized model's layer outputs have the
-    float model's per-channel means on `feeds`. `quantize(model)` gives the QDQ model;
-    `layer_names`, if given, limits the correction to those layers."""
+    float model's per-channel means on `feeds`. `quantize(model)` gives the QDQ model."""
     report = BiasCorrectionReport()
     layers = []
     for layer in weighted_layers(model):
-        if layer_names is not None and layer.name not in layer_names:
+        if int8_nodes is not None and layer.name not in int8_nodes:
             continue
         layer = ensure_bias(model, layer)
         if layer.bias is None:

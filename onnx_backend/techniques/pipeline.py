@@ -155,14 +155,9 @@ def run_pipeline(
         prepared.weight_overrides = dict(rounding(prepared))
         report.steps.setdefault("adaround", {})["layers"] = len(prepared.weight_overrides)
     if options.bias_correction:
-        # Every layer whose output the quantization shifts, not only the int8 ones: a host layer
-        # (its weights quantized, or its input) and the float head writing the model output shift
-        # too. Only what the configuration keeps in float is left as it is.
-        plan = prepared.quantize()[1].plan
-        kept = {n for n, why in plan.float_nodes.items() if why == "excluded by configuration"} | set(prepared.exclude_nodes)
-        corrected = {layer.name for layer in bias_correction.weighted_layers(ir_model)} - kept
+        int8 = set(prepared.quantize()[1].plan.int8_nodes)
         report.steps["bias_correction"] = bias_correction.correct_bias(
-            ir_model, feeds, lambda m: prepared.quantize(model=m), sweeps=options.bias_correction_sweeps, layer_names=corrected
+            ir_model, feeds, lambda m: prepared.quantize(model=m), sweeps=options.bias_correction_sweeps, int8_nodes=int8
         ).to_dict()
     return prepared
 
