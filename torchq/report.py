@@ -49,7 +49,7 @@ METHODS = tuple(m.value for m in Method)
 @dataclass
 class TensorResult:
     name: str  # tensor name in the float model
-    kind: str  # "activation" or "weight"
+    kind: str  # "activation", "weight", or "output" (a model output that stays float: no quantizer)
     producer: str  # node that computes it in the INT8 model (for a weight: the node that reads it)
     op_type: str
     order: int  # position in the INT8 graph
@@ -333,6 +333,12 @@ def compare(
     fidx = {n: fouts.index(n) for n in acts}
     qidx = {n: qouts.index(t.key) for n, t in acts.items()}
     accs = {n: _Acc() for n in acts}
+    # model outputs with no quantizer of their own (a Linear head kept in float): compared too,
+    # they are what the user reads
+    produced = {o: n for n in qmodel.graph.node for o in n.output}
+    order = {n.name: i for i, n in enumerate(qmodel.graph.node)}
+    float_outputs = [o.name for o in qmodel.graph.output if o.name not in acts and o.name in fouts and produced.get(o.name) is not None and produced[o.name].op_type != "DequantizeLinear"]
+    out_acc = {o: [0.0, 0.0] for o in float_outputs}
     stats = {n: TensorStatistics(histogram_bins) for n in acts}
     count = 0
     for i, sample in enumerate(_progress(samples, "comparing", quiet)):
@@ -342,6 +348,10 @@ def compare(
             qo = qsess.run(None, feeds)
         except Exception as exc:
             raise CalibrationError(f"onnxruntime failed on sample {i}: {' '.join(str(exc).split())[:300]}") from None
+        for o in float_outputs:
+            f, q = fo[fouts.index(o)].astype(np.float64), qo[qouts.index(o)].astype(np.float64)
+            out_acc[o][0] += float(np.sum(f * f))
+            out_acc[o][1] += float(np.sum((f - q) ** 2))
         for n, t in acts.items():
             f, q = fo[fidx[n]], qo[qidx[n]]
             if f.shape != q.shape:
@@ -362,6 +372,9 @@ def compare(
         lo, hi, s, z = _range_of(t)
         results.append(TensorResult(n, "activation", t.producer, t.op_type, t.order, _db(a.signal, a.noise), _db(a.signal, a.own_noise), a.clipped / max(a.count, 1), (lo, hi), s, z))
 
+    for o, (signal, noise) in out_acc.items():
+        node = produced[o]
+        results.append(TensorResult(o, "output", node.name, node.op_type, order[node.name], _db(signal, noise), math.inf, 0.0, (math.nan, math.nan), math.nan, 0))
     report = QuantReport(fpath, qpath, count, results, layers_of(qmodel, results, qtensors), unmatched=unmatched)
     # Histograms for the tensors whose own quantization is worst: there the range choice matters
     # (the lowest end-to-end SQNR is mostly error carried in from earlier layers).

@@ -137,13 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     import npu
     from onnx_backend import validate
 
-    placement = npu.check(qmodel, target=config.target).summary()
+    check = npu.check(qmodel, target=config.target)
+    placement = check.summary()
+    host = ", ".join(f"{r.op_type} {r.node}" for r in check.host_nodes)
     print(f"digits CNN ({sum(p.numel() for p in model.parameters())} parameters), trained in {t1 - t0:.1f} s")
     print(f"quantized with {config.method} ({'symmetric' if config.symmetric else 'asymmetric'}, per-channel weights, target {config.target}) in {t2 - t1:.1f} s")
     print(f"float accuracy (PyTorch):     {float_acc:6.2f} %")
     print(f"INT8 accuracy (onnxruntime):  {int8_acc:6.2f} %   ({int8_acc / float_acc * 100:.2f} % of float)")
     print(f"TFLite spec check:            {'all rules hold' if not validate(qmodel) else 'BROKEN RULES'}")
-    print(f"{f'NPU check ({config.target}):':30s}{placement['npu']} of {placement['npu'] + placement['host']} ops on the NPU, {placement['host']} on the host")
+    print(f"{f'NPU check ({config.target}):':30s}{placement['npu']} of {placement['npu'] + placement['host']} ops on the NPU, {placement['host']} on the host" + (f" ({host}: the Linear head writing the logits, float)" if host else ""))
     print(f"INT8 model written to {qpath}")
     return 0
 
