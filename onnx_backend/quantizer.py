@@ -115,7 +115,7 @@ def quantize_with_report(
     `weight_overrides` maps weight initializer names to integer arrays that replace
     round-to-nearest (AdaRound's learned rounding): same scales, each value floor or ceil of
     weight / scale; anything else is an error. `float_output_layers` (default) keeps a Linear
-    layer that writes a model output in float on the host (see the planner, rule 7).
+    layer that writes a model output in float on the host (see the planner, rule 8).
     """
     if activation_dtype not in ACTIVATION_DTYPES:
         raise ConfigError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {activation_dtype!r}")

@@ -421,7 +421,7 @@ def test_rewritten_batchnorm_and_spatial_mean_are_quantized():
     qmodel = quantize(optimized, calibrator.compute_range(), target="warboy")
     assert_valid(qmodel)
     host = [r.op_type for r in npu.check(qmodel, target="warboy").host_nodes]
-    assert host == ["Gemm"], host  # only the Linear head writing the model output (planner rule 7)
+    assert host == ["Gemm"], host  # only the Linear head writing the model output (planner rule 8)
     with torch.no_grad():
         assert sqnr_db(model(x).numpy(), run_onnx(qmodel, {"x": x.numpy()})[0]) > 25
     prepared = torchq.prepare(model, torchq.QuantConfig(target="warboy"))  # and the PyTorch path

@@ -1,4 +1,4 @@
-"""A Linear layer that writes a model output stays in float on the host (planner rule 7): a
+"""A Linear layer that writes a model output stays in float on the host (planner rule 8): a
 classifier's largest logits are exactly what an int8 range fitted on calibration data clips."""
 
 from __future__ import annotations

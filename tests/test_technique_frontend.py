@@ -140,7 +140,7 @@ def test_quantize_onnx_with_adaround():
     qmodel, report = torchq.quantize_onnx(proto, data, torchq.QuantConfig(adaround=True, adaround_iterations=30, target=None))
     assert_valid(qmodel)
     layers = report.steps["adaround"]["layers"]
-    # two of the three layers: the Linear head writing the model output stays float (planner rule 7)
+    # two of the three layers: the Linear head writing the model output stays float (planner rule 8)
     assert len(layers) == 2 and all(v["kept"] in ("adaround", "nearest") for v in layers.values())
     ref, out = outputs_on(proto, [{"x": data[0][0]}])[0][0], outputs_on(qmodel, [{"x": data[0][0]}])[0][0]
     assert np.corrcoef(ref.ravel(), out.ravel())[0, 1] > 0.99

@@ -150,7 +150,7 @@ def ort_fused_ops(qmodel, tmp_path) -> dict[str, int]:
 @pytest.mark.parametrize("name", ["conv_bn_relu", "residual", "inception", "depthwise_separable", "squeeze_excitation", "flatten_linear", "two_in_two_out", "unet"])
 def test_uint8_storage_lets_onnxruntime_run_every_conv_in_integer_kernels(name, tmp_path):
     """QDQ placement that onnxruntime fuses: no float Conv/Gemm/Add/Concat/pooling survives, but
-    for a Linear head writing a model output, which stays float by design (planner rule 7)."""
+    for a Linear head writing a model output, which stays float by design (planner rule 8)."""
     entry = ZOO[name]
     model, qmodel, report = quantize_entry(entry, torchq.QuantConfig(activation_dtype="uint8"))
     assert_valid(qmodel)

@@ -20,7 +20,7 @@ def test_demo_prints_float_vs_int8_and_writes_a_valid_model(digits_models, tmp_p
     assert float_acc > 95 and int8_acc >= 0.995 * float_acc, out
     assert "TFLite spec check:            all rules hold" in out
     npu_line = re.search(r"NPU check \(warboy\): +(\d+) of (\d+) ops on the NPU, (\d+) on the host", out)
-    # every op on the NPU but the Linear head writing the logits, which stays float (planner rule 7)
+    # every op on the NPU but the Linear head writing the logits, which stays float (planner rule 8)
     assert npu_line and int(npu_line.group(1)) == int(npu_line.group(2)) - 1 and npu_line.group(3) == "1", out
     assert "Gemm" in out.split("NPU check", 1)[1].splitlines()[0], out
     assert_valid(onnx.load(tmp_path / "digits.int8.onnx"))

@@ -287,7 +287,7 @@ def test_layers_whose_weights_or_bias_cannot_be_int8_stay_float(edit, reason):
 
     m = _base().base_model()
     edit(m)
-    # the head writing the model output would stay float anyway (planner rule 7): off, so the
+    # the head writing the model output would stay float anyway (planner rule 8): off, so the
     # reason asserted is the weight's or bias's own
     q, report = quantize_with_report(m, _ranges(), optimize=False, float_output_layers=False)
     assert any(reason in why for why in report.float_nodes.values()), report.float_nodes
