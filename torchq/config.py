@@ -16,6 +16,8 @@ METHODS: tuple[str, ...] = ("min_max", "percentile", "mse", "entropy", "sqnr")
 MethodOrAuto = Literal["min_max", "percentile", "mse", "entropy", "sqnr", "auto"]
 DEFAULT_MAX_SAMPLES = 512
 DEFAULT_MAX_SAMPLE_BYTES = 256 * 2**20
+DEFAULT_OPSET = 20  # the TorchScript exporter's newest; every entry point starts from this one
+Opset = Annotated[int, Field(ge=13, le=23)]  # per-axis Q/DQ needs 13
 
 
 class Override(BaseModel):
@@ -30,7 +32,39 @@ class Override(BaseModel):
     keep_float: bool = Field(default=False, alias="float")  # keep these modules in float
 
 
-class QuantConfig(BaseModel):
+class QuantizationSettings(BaseModel):
+    """Every QuantConfig field but `opset` and `target`: a recipe's `quantization` section is this
+    class itself (opset sits in `export`, target at the top level), so each field and its default
+    is defined once, here. See QuantConfig for what each field means."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: MethodOrAuto = "mse"
+    symmetric: bool = False
+    percentile: float = Field(default=DEFAULT_PERCENTILE, gt=0, le=100)
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[Override, ...] = ()
+    histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
+    sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
+    activation_dtype: Literal["int8", "uint8"] = "int8"
+    equalization: bool = False
+    equalization_clip: Literal["keep", "relu"] = "keep"
+    bias_correction: bool = False
+    adaround: bool = False
+    adaround_iterations: int = Field(default=1000, ge=1, le=100_000)
+    smoothquant: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] | None = None
+    attention_masks: bool = False
+    max_samples: int = Field(default=DEFAULT_MAX_SAMPLES, ge=1)
+    max_sample_bytes: int = Field(default=DEFAULT_MAX_SAMPLE_BYTES, ge=1)
+
+    @field_validator("exclude", mode="before")
+    @classmethod
+    def _one_pattern_is_a_list(cls, v):
+        return (v,) if isinstance(v, str) else v
+
+
+class QuantConfig(QuantizationSettings):
     """How to quantize. Every field has a default; unknown fields are an error.
 
     method      range selection: min_max | percentile | mse | entropy | sqnr, or auto: per
@@ -66,39 +100,14 @@ class QuantConfig(BaseModel):
                      model inputs, from the first batches; `export` recalibrates on them
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: MethodOrAuto = "mse"
-    symmetric: bool = False
-    percentile: float = Field(default=DEFAULT_PERCENTILE, gt=0, le=100)
-    per_channel: bool = True
-    exclude: tuple[str, ...] = ()
-    overrides: tuple[Override, ...] = ()
-    opset: int = Field(default=20, ge=13, le=23)
+    opset: Opset = DEFAULT_OPSET
     target: str | None = "warboy"
-    activation_dtype: Literal["int8", "uint8"] = "int8"
-    histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
-    sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
-    equalization: bool = False
-    equalization_clip: Literal["keep", "relu"] = "keep"
-    bias_correction: bool = False
-    adaround: bool = False
-    adaround_iterations: int = Field(default=1000, ge=1, le=100_000)
-    smoothquant: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] | None = None
-    attention_masks: bool = False
-    max_samples: int = Field(default=DEFAULT_MAX_SAMPLES, ge=1)
-    max_sample_bytes: int = Field(default=DEFAULT_MAX_SAMPLE_BYTES, ge=1)
 
     @property
     def needs_samples(self) -> bool:
         """Whether a data-driven technique is on, so `prepare` keeps calibration samples."""
         methods = {self.method} | {o.method for o in self.overrides}
         return self.equalization or self.bias_correction or self.adaround or self.smoothquant is not None or self.attention_masks or "auto" in methods
-
-    @field_validator("exclude", mode="before")
-    @classmethod
-    def _one_pattern_is_a_list(cls, v):
-        return (v,) if isinstance(v, str) else v
 
     def settings_for(self, module_path: str) -> dict:
         """method / symmetric / percentile / float for a module, after overrides."""

@@ -34,10 +34,8 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from onnx_backend.errors import ConfigError
-from onnx_backend.range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA
-from onnx_backend.statistics import DEFAULT_BINS
 
-from .config import MethodOrAuto, Override, QuantConfig
+from .config import DEFAULT_OPSET, Opset, QuantConfig, QuantizationSettings
 
 # Limits on what a recipe file may be: recipes are small; anything beyond these is a mistake or
 # an attack (deeply nested or alias-bomb YAML).
@@ -97,33 +95,15 @@ class CalibrationSection(_Section):
         return v
 
 
-class QuantizationSection(_Section):
-    """The QuantConfig fields (opset and target live in `export` and at the top level)."""
-
-    method: MethodOrAuto = "mse"
-    symmetric: bool = False
-    percentile: float = Field(default=DEFAULT_PERCENTILE, gt=0, le=100)
-    per_channel: bool = True
-    exclude: tuple[str, ...] = ()
-    overrides: tuple[Override, ...] = ()
-    histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
-    sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
-    # accuracy techniques (docs/ACCURACY.md); the same fields and defaults as QuantConfig
-    equalization: bool = False
-    equalization_clip: Literal["keep", "relu"] = QuantConfig.model_fields["equalization_clip"].default
-    bias_correction: bool = False
-    adaround: bool = False
-    adaround_iterations: int = Field(default=QuantConfig.model_fields["adaround_iterations"].default, ge=1, le=100_000)
-    smoothquant: Annotated[float, Field(gt=0, lt=1)] | Literal["auto"] | None = None
-    attention_masks: bool = False
-    max_samples: int = Field(default=QuantConfig.model_fields["max_samples"].default, ge=1)
-    max_sample_bytes: int = Field(default=QuantConfig.model_fields["max_sample_bytes"].default, ge=1)
+# The recipe's `quantization` section is QuantConfig's own field set (all but opset and target),
+# so a field added there is a recipe key with the same type and default.
+QuantizationSection = QuantizationSettings
 
 
 class ExportSection(_Section):
     path: str | None = None  # the INT8 ONNX file; `torchq quantize -o` overrides it
     float_path: str | None = None  # also write the float ONNX (same export, same tensor names), e.g. for `torchq report`
-    opset: int = Field(default=18, ge=13, le=23)
+    opset: Opset = DEFAULT_OPSET
     exporter: Literal["dynamo", "torchscript"] = "dynamo"
     input_names: tuple[str, ...] | None = None
     output_names: tuple[str, ...] | None = None
