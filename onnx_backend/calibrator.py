@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import masks, model_io
 from .errors import CalibrationError, ConfigError, InvalidModelError
 from .parallel import cpus
-from .range_selection import DEFAULT_PERCENTILE, Method, map_range_searches, select_range
+from .range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA, Method, map_range_searches, select_range
 from .statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
 
 RANGES_FORMAT = "torchq-ranges"
@@ -251,6 +251,7 @@ class Calibrator:
         calibration_method: CalibrationMethod | str = CalibrationMethod.MIN_MAX_ASYM,
         *,
         percentage: float = DEFAULT_PERCENTILE,
+        sqnr_gamma: float = DEFAULT_SQNR_GAMMA,
         histogram_bins: int = DEFAULT_BINS,
         providers: Sequence[str] = ("CPUExecutionProvider",),
         quiet: bool | None = None,
@@ -265,6 +266,9 @@ class Calibrator:
         if not 0 < percentage <= 100:
             raise ConfigError(f"percentage must be in (0, 100], got {percentage}")
         self.percentage = float(percentage)
+        if not (sqnr_gamma > 0 and math.isfinite(sqnr_gamma)):
+            raise ConfigError(f"sqnr_gamma must be a finite number > 0, got {sqnr_gamma}")
+        self.sqnr_gamma = float(sqnr_gamma)
         self.quiet = quiet
         self.batch_samples = batch_samples
         self.input_names = get_pure_input_names(self.model)
@@ -476,7 +480,7 @@ class Calibrator:
         method = self.calibration_method
         observed = [name for name, stats in self.statistics.items() if not stats.empty]
         searched = [name for name in observed if name not in self._aliases]  # an alias's range is its source's
-        chosen = map_range_searches(lambda name: select_range(self.statistics[name], method.method, method.symmetric, percentile=self.percentage), searched, lambda _: (method.method, method.symmetric))
+        chosen = map_range_searches(lambda name: select_range(self.statistics[name], method.method, method.symmetric, percentile=self.percentage, sqnr_gamma=self.sqnr_gamma), searched, lambda _: (method.method, method.symmetric))
         ranges = dict(zip(searched, chosen))
         ranges = {name: ranges[self._aliases.get(name, name)] for name in observed}
         ranges = masks.keep_masking(self.model, self.statistics, ranges)

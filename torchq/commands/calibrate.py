@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from onnx_backend import Calibrator, get_pure_input_names, optimize_model, save_ranges
+from onnx_backend.range_selection import DEFAULT_SQNR_GAMMA
 
 from ._common import METHOD_CHOICES, add_data_args, check_output_path, iter_samples, method_arg
 
@@ -13,13 +14,14 @@ def register(sub) -> None:
     add_data_args(p)
     p.add_argument("--method", type=method_arg, default="mse_asym", metavar="METHOD", help=f"one of {', '.join(METHOD_CHOICES)} (default mse_asym)")
     p.add_argument("--percentile", type=float, default=99.99, help="for percentile methods (default 99.99)")
+    p.add_argument("--sqnr-gamma", type=float, default=DEFAULT_SQNR_GAMMA, help=f"weight of clipping noise in the sqnr methods, > 0 (default {DEFAULT_SQNR_GAMMA})")
     p.add_argument("-o", "--output", required=True, help="ranges file to write (.json or .yaml)")
     p.set_defaults(run=run)
 
 
 def calibrate_file(args):
     model = optimize_model(args.model)
-    calibrator = Calibrator(model, args.method, percentage=args.percentile, quiet=args.quiet or None)
+    calibrator = Calibrator(model, args.method, percentage=args.percentile, sqnr_gamma=args.sqnr_gamma, quiet=args.quiet or None)
     calibrator.collect_data(iter_samples(args.data, get_pure_input_names(model), args.batch_size, args.max_samples))
     return model, calibrator.compute_range(), calibrator.samples
 

@@ -7,6 +7,7 @@ import json
 
 from onnx_backend import ConfigError, load_ranges, quantize_with_report, save_model, validate
 from onnx_backend.model_io import write_text_atomic
+from onnx_backend.range_selection import DEFAULT_SQNR_GAMMA
 
 from ._common import METHOD_CHOICES, check_output_path, method_arg
 from .calibrate import calibrate_file
@@ -22,6 +23,7 @@ def register(sub) -> None:
     p.add_argument("--max-samples", type=int, default=None, help="use at most this many runs")
     p.add_argument("--method", type=method_arg, default="mse_asym", metavar="METHOD", help=f"one of {', '.join(METHOD_CHOICES)} (default mse_asym)")
     p.add_argument("--percentile", type=float, default=99.99, help="for percentile methods (default 99.99)")
+    p.add_argument("--sqnr-gamma", type=float, default=DEFAULT_SQNR_GAMMA, help=f"weight of clipping noise in the sqnr methods, > 0 (default {DEFAULT_SQNR_GAMMA})")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
     p.add_argument("--activation-dtype", choices=["int8", "uint8"], default="int8", help="int8 (the spec, the NPU; default) or uint8: the same grid with zero points + 128, which onnxruntime needs on x86 to fuse every quantized op")
     p.add_argument("--target", default="warboy", help="which ops run in int8: warboy, tflite, or all (default warboy)")
@@ -81,6 +83,7 @@ def run_techniques(args, chosen: dict, out) -> None:
         method=method,
         symmetric=args.method.symmetric,
         percentile=args.percentile,
+        sqnr_gamma=args.sqnr_gamma,
         per_channel=not args.per_tensor,
         target=None if args.target == "all" else args.target,
         activation_dtype=args.activation_dtype,
