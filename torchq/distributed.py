@@ -138,6 +138,24 @@ def merge_statistics(model: torch.nn.Module, group=None) -> int:
     return batches
 
 
+def require_merged(session) -> None:
+    """Refuse to export one rank's shard of the statistics under a multi-rank process group: the
+    model would be calibrated on that rank's data alone, silently."""
+    if not is_distributed():
+        return
+    if session not in _MERGED:
+        state = "holds only its own shard of the calibration statistics"
+    elif _MERGED[session] != session.batches:
+        state = "ran calibration batches after merge_statistics, which only it has seen"
+    else:
+        return
+    raise CalibrationError(
+        f"rank {rank()} of {dist.get_world_size()} {state}; call torchq.distributed.merge_statistics(model) on every rank "
+        "after the last calibration batch and before torchq.export, or torchq.distributed.export_on_rank_zero(model, example_inputs, path) "
+        "on every rank (it merges, then exports on rank 0)"
+    )
+
+
 @functools.cache  # registers the handler once per process
 def destroy_process_group_at_exit() -> None:
     """Destroy the default process group at interpreter exit, while Python is still whole.

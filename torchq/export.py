@@ -26,6 +26,7 @@ from onnx_backend.statistics import TensorStatistics
 
 from .capture import Phase
 from .config import QuantConfig
+from .distributed import require_merged
 from .prepare import session_of
 
 # ---- the marker, for both exporters ------------------------------------------------------------
@@ -309,6 +310,7 @@ def _export_and_bind(model, example_inputs, kwargs, dynamo, export_options) -> _
     session, config = session_of(model)
     if session.batches == 0:
         raise CalibrationError("export before any calibration batch: run the prepared model on calibration data first")
+    require_merged(session)
     args = _as_args(example_inputs)
     _check_example_inputs(model, session, args, kwargs)
     session.mismatched.clear()

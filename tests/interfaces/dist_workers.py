@@ -83,3 +83,37 @@ def merge_worker(rank: int, port: int, out: str) -> None:
         calibrate_and_export(Branchy(), shard(rank), Path(out), f"rank{rank}", True)
     finally:
         dist.destroy_process_group()
+
+
+def forgot_to_merge_worker(rank: int, port: int, out: str) -> None:
+    """torchq.export of unmerged statistics is refused with the call to make; after the merge,
+    rank 0 exports."""
+    torch.set_num_threads(1)
+    os.environ["TQDM_DISABLE"] = "1"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        model = Branchy()
+        torchq.prepare(model, torchq.QuantConfig(method="min_max", histogram_bins=512))
+        with torch.no_grad():
+            for b in shard(rank):
+                model(b)
+        example = (batches()[0][:1],)
+        try:
+            torchq.export(model, example, Path(out) / f"unmerged{rank}.onnx", dynamo=False)
+            refusal = None
+        except torchq.CalibrationError as exc:
+            refusal = str(exc)
+        distributed.merge_statistics(model)
+        if rank == 0:
+            torchq.export(model, example, Path(out) / "merged.onnx", dynamo=False)
+        with torch.no_grad():
+            model(shard(rank)[0])  # one more batch after the merge: this rank's alone again
+        try:
+            torchq.export(model, example, dynamo=False)
+            late = None
+        except torchq.CalibrationError as exc:
+            late = str(exc)
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps({"refusal": refusal, "late": late}))
+        torchq.unprepare(model)
+    finally:
+        dist.destroy_process_group()

@@ -50,6 +50,18 @@ def test_two_ranks_equal_one_process_on_the_union(tmp_path):
     assert_valid(onnx.load(multi / "model.onnx"))
 
 
+def test_export_of_unmerged_statistics_is_refused_with_the_call_to_make(tmp_path):
+    mp.spawn(w.forgot_to_merge_worker, args=(free_port(), str(tmp_path)), nprocs=w.WORLD, join=True)
+    for r in range(w.WORLD):
+        said = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert said["refusal"] and f"rank {r} of 2 holds only its own shard" in said["refusal"]
+        assert "torchq.distributed.merge_statistics(model)" in said["refusal"] and "export_on_rank_zero" in said["refusal"]
+        assert said["late"] and "after merge_statistics" in said["late"]
+    # nothing was written from one rank's shard; the merged export was
+    assert sorted(p.name for p in tmp_path.glob("*.onnx")) == ["merged.onnx"]
+    assert_valid(onnx.load(tmp_path / "merged.onnx"))
+
+
 def test_the_ranks_really_saw_different_data():
     # guards the test above against a shard split that makes the merge trivial
     a, b = torch.cat(w.shard(0)), torch.cat(w.shard(1))
