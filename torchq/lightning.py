@@ -52,6 +52,7 @@ import onnx
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from pydantic import ValidationError
 from torch.utils import _pytree as pytree
 
 from onnx_backend.errors import CalibrationError, ConfigError
@@ -60,9 +61,10 @@ from onnx_backend.validate import validate
 
 from . import distributed
 from .api import _to_device, calibrate, positional_arity
-from .config import QuantConfig, make_config
+from .config import QuantConfig, format_validation_error, make_config
 from .export import export_with_report
 from .prepare import prepare, unprepare
+from .recipe_run import write_float_model
 from .recipes import ExportSection, Recipe
 
 DATALOADERS = ("train", "val", "predict")
@@ -178,6 +180,43 @@ class OnnxForward:
         return pytree.tree_unflatten(leaves, self.out_spec)
 
 
+# ---- the callback's settings ----------------------------------------------------------------------
+
+DEFAULT_OUTPUT_DIR, DEFAULT_FILENAME = "quantized", "model.int8.onnx"
+
+
+def _export_section(export: Mapping | None) -> ExportSection:
+    """The `export=` argument: a recipe's export section, validated the same way."""
+    try:
+        return ExportSection(**dict(export or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "QuantizationCallback: export")) from None
+    except TypeError as exc:
+        raise ConfigError(f"QuantizationCallback: export must be a mapping of export settings: {exc}") from None
+
+
+def _with_export_opset(config: QuantConfig, section: ExportSection, export: Mapping | None) -> QuantConfig:
+    """export={"opset": N} sets the config's opset (as a recipe's export.opset does); a config
+    that sets another opset itself is a conflict, not a silent choice."""
+    if not export or "opset" not in export:
+        return config
+    if "opset" in config.model_fields_set and config.opset != section.opset:
+        raise ConfigError(f"QuantizationCallback: the config sets opset {config.opset} and export sets opset {section.opset}; set it once")
+    return config.model_copy(update={"opset": section.opset})
+
+
+def _model_location(output_dir, filename: str | None, export_path: str | None) -> tuple[Path, str]:
+    """Where the INT8 model goes: output_dir / filename when either is given (they override
+    export.path, as `torchq quantize -o` does a recipe's), else export.path, else
+    quantized/model.int8.onnx."""
+    if output_dir is None and filename is None and export_path is not None:
+        path = Path(export_path)
+        if path.suffix != ".onnx":
+            raise ConfigError(f"QuantizationCallback: export.path should end in .onnx, got {export_path!r}")
+        return path.parent, path.name
+    return Path(output_dir if output_dir is not None else DEFAULT_OUTPUT_DIR), filename or DEFAULT_FILENAME
+
+
 # ---- the callback ---------------------------------------------------------------------------------
 
 
@@ -188,7 +227,9 @@ class QuantizationCallback(Callback):
         config: a `QuantConfig`, a dict of its fields, a `torchq.Recipe`, or a recipe file path
             (its quantization, target and export sections are used; model and calibration come
             from the trainer).
-        output_dir: where `filename` and its report are written (rank 0 only).
+        output_dir: where `filename` and its report are written (rank 0 only); with neither
+            given, export.path (a recipe's or `export=`'s) names the model, else
+            quantized/model.int8.onnx.
         dataloader: which of the trainer's dataloaders calibrates: "train", "val" or "predict".
         dataloader_idx: which one, when there are several (an index, or a key for a dict).
         num_batches: calibration batches per rank (default: the recipe's calibration.num_batches,
@@ -196,20 +237,21 @@ class QuantizationCallback(Callback):
         inputs: `inputs(batch)` -> the forward's inputs (see the module docstring).
         evaluate: run the module's validation metric on the float and INT8 models.
         quantize_on_fit_end: set False to quantize only when `quantize()` is called.
-        export: ExportSection fields (exporter, opset, input_names, output_names, dynamic_axes,
-            example_batch_size) when `config` is not a recipe.
+        export: a recipe's export section (path, float_path, opset, exporter, input_names,
+            output_names, dynamic_axes, example_batch_size, report) when `config` is not a
+            recipe; opset here sets the config's.
         device: where calibration runs (default: the strategy's root device).
     """
 
     def __init__(
         self,
         config: QuantConfig | Mapping | Recipe | str | Path | None = None,
-        output_dir: str | Path = "quantized",
+        output_dir: str | Path | None = None,
         *,
         dataloader: str = "train",
         dataloader_idx: int | str = 0,
         num_batches: int | None = None,
-        filename: str = "model.int8.onnx",
+        filename: str | None = None,
         inputs: Callable[[Any], Any] | None = None,
         evaluate: bool = True,
         quantize_on_fit_end: bool = True,
@@ -219,7 +261,7 @@ class QuantizationCallback(Callback):
         super().__init__()
         if dataloader not in DATALOADERS:
             raise ConfigError(f"QuantizationCallback: dataloader must be one of {', '.join(DATALOADERS)}, got {dataloader!r}")
-        if not filename.endswith(".onnx"):
+        if filename is not None and not filename.endswith(".onnx"):
             raise ConfigError(f"QuantizationCallback: filename should end in .onnx, got {filename!r}")
         default_batches = DEFAULT_NUM_BATCHES
         if isinstance(config, (str, Path)):
@@ -233,17 +275,14 @@ class QuantizationCallback(Callback):
                 default_batches = config.spec.calibration.num_batches  # None there means every batch
         else:
             self.config = make_config(config)
-            try:
-                self.export_settings = ExportSection(**dict(export or {}))
-            except Exception as exc:
-                raise ConfigError(f"QuantizationCallback: export: {exc}") from None
-        self.output_dir = Path(output_dir)
+            self.export_settings = _export_section(export)
+            self.config = _with_export_opset(self.config, self.export_settings, export)
+        self.output_dir, self.filename = _model_location(output_dir, filename, self.export_settings.path)
         self.dataloader = dataloader
         self.dataloader_idx = dataloader_idx
         if num_batches is not None and num_batches < 1:
             raise ConfigError(f"QuantizationCallback: num_batches must be >= 1, got {num_batches}")
         self.num_batches = num_batches if num_batches is not None else default_batches
-        self.filename = filename
         self.inputs = inputs
         self.evaluate = evaluate
         self.quantize_on_fit_end = quantize_on_fit_end
@@ -310,21 +349,24 @@ class QuantizationCallback(Callback):
 
         prepare(pl_module, self.config)
         try:
-            count = self._calibrate(trainer, pl_module, itertools.chain([first], batches), device)
-            count = distributed.merge_statistics(pl_module) if distributed.is_distributed() else count
-            result = QuantizationResult(None, None, count)
+            try:
+                count = self._calibrate(trainer, pl_module, itertools.chain([first], batches), device)
+                count = distributed.merge_statistics(pl_module) if distributed.is_distributed() else count
+                result = QuantizationResult(None, None, count)
+                if trainer.is_global_zero:
+                    qmodel, report = self._export(pl_module, example_args, example_kwargs, input_names, example_tensors, example_output)
+                    result.onnx_path = self.output_dir / self.filename
+                    result.violations = [str(v) for v in validate(qmodel)]
+            finally:
+                unprepare(pl_module)
             if trainer.is_global_zero:
-                qmodel, report = self._export(pl_module, example_args, example_kwargs, input_names, example_tensors, example_output)
-                result.onnx_path = self.output_dir / self.filename
-                result.violations = [str(v) for v in validate(qmodel)]
+                if self.evaluate:
+                    self._evaluate(trainer, pl_module, qmodel, signature, input_names, example_output, result)
+                self._log(trainer, result)
+                if self.export_settings.report:
+                    result.report_path = self._write_report(result, report)
         finally:
-            unprepare(pl_module)
-        if trainer.is_global_zero:
-            if self.evaluate:
-                self._evaluate(trainer, pl_module, qmodel, signature, input_names, example_output, result)
-            self._log(trainer, result)
-            result.report_path = self._write_report(result, report)
-        distributed.barrier()
+            distributed.barrier()  # also when rank 0 failed: the other ranks wait here for it
         self.runs += 1
         self.last_result = result
         return result
@@ -360,7 +402,7 @@ class QuantizationCallback(Callback):
             dynamic_axes = {n: {0: "batch"} for n, t in zip(names, example_tensors) if t.dim()}
             dynamic_axes |= {n: {0: "batch"} for n, t in zip(output_names, out_tensors) if t.dim()}
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        return export_with_report(
+        exported = export_with_report(
             pl_module,
             args,
             self.output_dir / self.filename,
@@ -370,6 +412,10 @@ class QuantizationCallback(Callback):
             dynamic_axes=dynamic_axes,
             dynamo=e.exporter == "dynamo",
         )
+        if e.float_path:
+            float_export = e.model_copy(update={"input_names": tuple(names), "output_names": tuple(output_names), "dynamic_axes": dynamic_axes})
+            write_float_model(pl_module, args, kwargs, float_export, self.config.opset, Path(e.float_path))
+        return exported
 
     # ---- evaluation -----------------------------------------------------------------------------
 

@@ -186,3 +186,52 @@ def test_bad_arguments_are_clear_errors():
         QuantizationCallback({"method": "kl"})
     with pytest.raises(ConfigError, match="exporter"):
         QuantizationCallback(None, export={"exporter": "onnx"})
+
+
+def test_export_settings_are_honoured(tmp_path):
+    # export= takes every key of a recipe's export section; each one changes what is written
+    cb = QuantizationCallback(
+        {"method": "percentile"},
+        export={"opset": 17, "path": str(tmp_path / "m" / "net.int8.onnx"), "float_path": str(tmp_path / "f" / "net.onnx"), "report": False, "exporter": "torchscript"},
+        evaluate=False,
+    )
+    assert cb.config.opset == 17
+    trainer = make_trainer(tmp_path, [cb], limit_train_batches=2)
+    trainer.fit(DigitsClassifier(), loader("train", 64))
+    r = cb.last_result
+    assert r.onnx_path == tmp_path / "m" / "net.int8.onnx" and r.report_path is None
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["net.int8.onnx"]  # report: false
+    qmodel, fmodel = onnx.load(r.onnx_path), onnx.load(tmp_path / "f" / "net.onnx")
+    opset = {m.domain: m.version for m in qmodel.opset_import}
+    assert opset.get("", opset.get("ai.onnx")) == 17
+    assert {m.domain: m.version for m in fmodel.opset_import}.get("", 0) == 17
+    assert not any(n.op_type == "QuantizeLinear" for n in fmodel.graph.node)
+    assert [i.name for i in fmodel.graph.input] == [i.name for i in qmodel.graph.input]
+    assert {o for n in fmodel.graph.node for o in n.output} & {n.input[0] for n in qmodel.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def test_export_opset_and_the_configs_opset_must_agree():
+    with pytest.raises(ConfigError, match="opset 18 and export sets opset 17"):
+        QuantizationCallback(torchq.QuantConfig(opset=18), export={"opset": 17})
+    assert QuantizationCallback(torchq.QuantConfig(opset=17), export={"opset": 17}).config.opset == 17
+    with pytest.raises(ConfigError, match=r"export: opset: Input should be greater than or equal to 13"):
+        QuantizationCallback(None, export={"opset": 11})
+
+
+@pytest.mark.slow
+def test_an_exception_on_rank_zero_does_not_hang_the_other_rank(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "not_a_folder").write_text("")  # rank 0 cannot create its output folder here
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+    done = subprocess.run([sys.executable, "-m", "tests.interfaces.lit_rank_zero_failure", str(tmp_path)], cwd=root, env=env, capture_output=True, text=True, timeout=540)
+    raised = tmp_path / "rank0.raised"
+    assert raised.is_file(), done.stderr[-3000:]
+    assert raised.read_text().startswith("FileExistsError")
+    # rank 1 left the callback while rank 0 was still alive (it waits for rank 1 before it ends)
+    assert (tmp_path / "rank1.returned").is_file(), done.stderr[-3000:]
+    assert not (tmp_path / "rank1.raised").exists()
