@@ -44,6 +44,7 @@ class QuantizationSettings(BaseModel):
     percentile: float = Field(default=DEFAULT_PERCENTILE, gt=0, le=100)
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
+    exclude_nodes: tuple[str, ...] = ()
     overrides: tuple[Override, ...] = ()
     histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
@@ -58,7 +59,7 @@ class QuantizationSettings(BaseModel):
     max_samples: int = Field(default=DEFAULT_MAX_SAMPLES, ge=1)
     max_sample_bytes: int = Field(default=DEFAULT_MAX_SAMPLE_BYTES, ge=1)
 
-    @field_validator("exclude", mode="before")
+    @field_validator("exclude", "exclude_nodes", mode="before")
     @classmethod
     def _one_pattern_is_a_list(cls, v):
         return (v,) if isinstance(v, str) else v
@@ -73,8 +74,12 @@ class QuantConfig(QuantizationSettings):
     symmetric   zero point 0 and [-a, a] (a never-negative tensor uses [0, a])
     percentile  for method=percentile: share of the mass kept (99.99 by default)
     per_channel per-output-channel weight scales (True) or one per tensor
-    exclude     module-name globs kept in float (e.g. "head.*")
+    exclude     PyTorch module-path globs kept in float (e.g. "head.*"); torchq.prepare/export only:
+                an ONNX model has no modules, so quantize_onnx refuses it (use exclude_nodes)
+    exclude_nodes  ONNX node-name or op-type globs kept in float (e.g. "Softmax", "/head/*"), on
+                either path: the nodes of the exported graph, or of the ONNX model given
     overrides   per-module method / symmetric / percentile / float, by glob; last match wins
+                (PyTorch module paths, like exclude)
     opset       ONNX opset of the exported model (>= 13)
     target      the NPU whose op support decides what runs in int8: "warboy", "tflite", or None
     activation_dtype  int8 (the spec, the NPU) or uint8: the same grid with zero points + 128,
@@ -108,6 +113,15 @@ class QuantConfig(QuantizationSettings):
         """Whether a data-driven technique is on, so `prepare` keeps calibration samples."""
         methods = {self.method} | {o.method for o in self.overrides}
         return self.equalization or self.bias_correction or self.adaround or self.smoothquant is not None or self.attention_masks or "auto" in methods
+
+    def check_for_onnx_model(self) -> None:
+        """The ONNX path has nodes, not modules: module globs there would silently match nothing."""
+        named = [name for name in ("exclude", "overrides") if getattr(self, name)]
+        if named:
+            raise ConfigError(
+                f"QuantConfig.{' and '.join(named)} name PyTorch module paths, and an ONNX model has no modules; "
+                "keep ONNX nodes in float with exclude_nodes=[...] (node-name or op-type globs, e.g. exclude_nodes=['Softmax'])"
+            )
 
     def settings_for(self, module_path: str) -> dict:
         """method / symmetric / percentile / float for a module, after overrides."""

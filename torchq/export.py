@@ -378,6 +378,7 @@ def export_with_report(
             c.ranges,
             per_channel=config.per_channel,
             target=config.target,
+            exclude_nodes=config.exclude_nodes,
             exclude_tensors=c.float_tensors,
             opset=config.opset,
             activation_dtype=config.activation_dtype,

@@ -63,3 +63,35 @@ def test_sqnr_gamma_reaches_the_calibrator_and_the_cli(tmp_path, digits_models):
     assert {k: tuple(v) for k, v in load_ranges(tmp_path / "r.json").items()} == {k: tuple(v) for k, v in ranges[0.5].items()}
     with pytest.raises(torchq.ConfigError, match="sqnr_gamma"):
         Calibrator(model, "sqnr_asym", sqnr_gamma=0.0)
+
+
+def _excluded(report) -> set[str]:
+    return {node for node, why in report.float_nodes.items() if why == "excluded by configuration"}
+
+
+def test_exclude_nodes_means_onnx_nodes_on_both_paths_and_exclude_means_modules(digits_models):
+    import numpy as np
+    import torch
+
+    from torchq.examples import digits
+
+    images = np.load(digits_models["data"])["image"][:16]
+    config = torchq.QuantConfig(exclude_nodes=["MaxPool"])
+    # PyTorch path: the exported graph's MaxPool nodes stay float
+    model = digits.load_trained(digits_models["dir"])
+    torchq.prepare(model, config)
+    try:
+        model(torch.from_numpy(images))
+        qmodel, report = torchq.export_with_report(model, torch.from_numpy(images[:1]))
+    finally:
+        torchq.unprepare(model)
+    pools = {n.name for n in qmodel.graph.node if n.op_type == "MaxPool"}
+    assert pools and _excluded(report.backend) == pools
+    # ONNX path: the same field, the same meaning
+    qmodel, report = torchq.quantize_onnx(str(digits_models["float"]), [[x[None]] for x in images], config)
+    pools = {n.name for n in qmodel.graph.node if n.op_type == "MaxPool"}
+    assert pools and _excluded(report.quantization) == pools
+    # module globs on an ONNX model would match nothing: refused, naming the field to use
+    for bad in ({"exclude": ["features.2"]}, {"overrides": [{"pattern": "features.2", "float": True}]}):
+        with pytest.raises(torchq.ConfigError, match=r"name PyTorch module paths.*exclude_nodes=\["):
+            torchq.quantize_onnx(str(digits_models["float"]), [[images[:1]]], bad)

@@ -106,7 +106,7 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
 @pytest.mark.parametrize(
     "body, message",
     [
-        ("quantization: {methd: mse}", r"r\.yaml:3: quantization\.methd: unknown key; allowed keys: method, symmetric, percentile, per_channel, exclude, overrides, histogram_bins, sqnr_gamma"),
+        ("quantization: {methd: mse}", r"r\.yaml:3: quantization\.methd: unknown key; allowed keys: method, symmetric, percentile, per_channel, exclude, exclude_nodes, overrides, histogram_bins, sqnr_gamma"),
         ("quantization: {method: minmax}", r"r\.yaml:3: quantization\.method: Input should be 'min_max', 'percentile', 'mse', 'entropy', 'sqnr' or 'auto' \(got 'minmax'\)"),
         ("quantization: {per_channel: maybe}", r"quantization\.per_channel: Input should be a valid boolean.*\(got 'maybe'\)"),
         ("quantization: {percentile: 120}", r"quantization\.percentile: Input should be less than or equal to 100 \(got 120\)"),

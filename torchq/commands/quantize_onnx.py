@@ -87,7 +87,7 @@ def run_techniques(args, chosen: dict, out) -> None:
         per_channel=not args.per_tensor,
         target=None if args.target == "all" else args.target,
         activation_dtype=args.activation_dtype,
-        exclude=args.exclude,
+        exclude_nodes=args.exclude,
         adaround_iterations=args.adaround_iterations,
         **chosen,
     )

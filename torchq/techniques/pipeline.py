@@ -64,9 +64,11 @@ def prepare_onnx(
 def quantize_onnx(model: onnx.ModelProto | str | bytes, samples: Iterable, config: QuantConfig | dict | None = None, *, exclude_nodes: Iterable[str] = ()) -> tuple[onnx.ModelProto, TechniquesReport]:
     """A float ONNX model and calibration samples (as `Calibrator.collect_data` takes them) ->
     INT8 QDQ model with the techniques of `config` (AdaRound included), and the report.
-    `config.exclude` and `exclude_nodes` are node-name or op-type globs kept in float."""
+    `config.exclude_nodes` and `exclude_nodes` are node-name or op-type globs kept in float
+    (`config.exclude` names PyTorch modules: an error here)."""
     cfg = make_config(config)
-    prepared, _ = prepare_onnx(model, samples, cfg, exclude_nodes=[*exclude_nodes, *cfg.exclude])
+    cfg.check_for_onnx_model()
+    prepared, _ = prepare_onnx(model, samples, cfg, exclude_nodes=[*exclude_nodes, *cfg.exclude_nodes])
     qmodel, qreport = prepared.quantize()
     prepared.report.quantization = qreport
     return qmodel, prepared.report
@@ -105,7 +107,9 @@ def run_on_export(module, float_proto: onnx.ModelProto, bindings: Mapping[str, l
     store = samples.store_of(module)
     if store is None:
         raise CalibrationError("no calibration samples were kept for the accuracy techniques: prepare the model with this config before calibrating")
-    prepared, _ = prepare_onnx(float_proto, exported_feeds(store, float_proto), config, method_for=method_for_bindings(config, bindings), exclude_tensors=float_tensors)
+    prepared, _ = prepare_onnx(
+        float_proto, exported_feeds(store, float_proto), config, method_for=method_for_bindings(config, bindings), exclude_nodes=config.exclude_nodes, exclude_tensors=float_tensors
+    )
     qmodel, qreport = prepared.quantize()
     steps = dict(prepared.report.steps)
     steps["samples"] = {"kept": store.samples, "bytes": store.bytes, "runs": len(prepared.feeds)}

@@ -99,8 +99,9 @@ def quantize_onnx_to_target(
     from onnx_backend.model_io import load_model
 
     cfg = make_config(config)
+    cfg.check_for_onnx_model()
     proto = load_model(model)
-    prepared, _ = prepare_onnx(proto, samples, cfg, exclude_nodes=cfg.exclude)
+    prepared, _ = prepare_onnx(proto, samples, cfg, exclude_nodes=cfg.exclude_nodes)
     qmodel, report = _search(prepared, evaluate, relative=target, absolute=absolute, float_metric=float(evaluate(proto)), candidates=candidates)
     _finish(qmodel, report, path, report_path)
     return qmodel, report
