@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 
 import onnx
@@ -17,22 +18,13 @@ from ..config import QuantConfig, make_config
 from .adaround import AdaRoundReport, rounding
 
 
+# Options fields the pipeline sets itself, not the user's configuration
+PIPELINE_ONLY = ("bias_correction_sweeps", "auto_samples")
+
+
 def options_from_config(config: QuantConfig) -> Options:
-    return Options(
-        method=config.method,
-        symmetric=config.symmetric,
-        percentile=config.percentile,
-        sqnr_gamma=config.sqnr_gamma,
-        per_channel=config.per_channel,
-        target=config.target,
-        activation_dtype=config.activation_dtype,
-        opset=config.opset,
-        histogram_bins=config.histogram_bins,
-        equalization=config.equalization,
-        equalization_clip=config.equalization_clip,
-        bias_correction=config.bias_correction,
-        smoothquant=config.smoothquant,
-    )
+    """The pipeline's Options: each one is the QuantConfig field of the same name (not re-typed)."""
+    return Options(**{f.name: getattr(config, f.name) for f in dataclasses.fields(Options) if f.name not in PIPELINE_ONLY})
 
 
 def prepare_onnx(
