@@ -181,7 +181,7 @@ def instrument(s: Sampler) -> None:
     s.wrap(calibrator.Calibrator, "_make_session", "onnxruntime session")
     s.wrap(calibrator, "activation_tensors")
     cal_cmd = importlib.import_module("torchq.commands.calibrate")
-    s.wrap(cal_cmd, "optimize_model")
+    s.wrap(cal_cmd, "prepare_graph")
 
 
 # ---- the steps (each in its own process) -------------------------------------------------------

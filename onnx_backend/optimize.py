@@ -502,6 +502,7 @@ def optimize_ir(model: ir.Model) -> ir.Model:
         constants_as_initializers(model)  # what folding produced
         rewriter.rewrite(model, pattern_rewrite_rules=[*_FUSE_BATCHNORM, *REWRITE_RULES])
         fold_affine_steps(model)
+        constants_as_initializers(model)  # the rewrites' own constants (e.g. Squeeze axes): optimizing again changes nothing
     finally:
         release_matcher_state()
     common_passes.IdentityEliminationPass()(model)
@@ -518,22 +519,39 @@ def fix_input_shapes(model: ir.Model, input_shapes: dict[str, list[int | str | N
         inputs[name].shape = ir.Shape(list(shape))
 
 
+def prepare_graph(model, opset: int | None = None, *, optimize: bool = True, consume: bool = False, input_shapes: dict | None = None) -> ir.Model:
+    """The float graph that gets calibrated and quantized, whichever entry point asked: the opset
+    upgraded (to `opset`, at least 13), shapes inferred (rewrites such as ReduceMean ->
+    GlobalAveragePool need ranks), optimized if asked, names fixed. One preparation, so that the
+    Calibrator's tensors are the quantizer's and the technique pipeline's."""
+    from .model_io import infer_shapes, merge_inferred
+
+    proto = load_model(model, copy=not consume)
+    proto = upgrade_opset(proto, max(MIN_OPSET, opset or 0))
+    try:
+        proto = merge_inferred(proto, infer_shapes(proto, data_prop=True))
+    except Exception:  # shape inference is a help, not a requirement
+        pass
+    ir_model = ir.serde.deserialize_model(proto)
+    if input_shapes:
+        fix_input_shapes(ir_model, input_shapes)
+    if optimize:
+        optimize_ir(ir_model)
+    common_passes.NameFixPass()(ir_model)
+    return ir_model
+
+
 def optimize_model(
     model: onnx.ModelProto | str, input_shapes: dict[str, list[int | str | None]] | None = None, *, opset: int | None = None
 ) -> onnx.ModelProto:
-    """Optimize a float ONNX model for quantization: fold BatchNorm, fold constants, drop dead code.
+    """Optimize a float ONNX model for quantization: fold BatchNorm, fold constants, drop dead code
+    (`prepare_graph`: the very graph quantize_onnx and the quantizer work on).
 
     `input_shapes` optionally fixes input dimensions ({name: shape}); dynamic dimensions are
     otherwise kept. Models below opset 13 are upgraded (per-axis quantization needs it), or to
     `opset` if given. The input is not modified.
     """
-    proto = load_model(model)
-    proto = upgrade_opset(proto, max(MIN_OPSET, opset or 0))
-    ir_model = ir.serde.deserialize_model(proto)
-    if input_shapes:
-        fix_input_shapes(ir_model, input_shapes)
-    optimize_ir(ir_model)
-    out = ir.serde.serialize_model(ir_model)
+    out = ir.serde.serialize_model(prepare_graph(model, opset, input_shapes=input_shapes))
     if default_opset(out) < MIN_OPSET:
         raise InvalidModelError("optimization lost the opset upgrade")
     return out

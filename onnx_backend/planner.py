@@ -85,7 +85,12 @@ class QuantPlan:
 
 
 def is_float_activation(v: ir.Value | None) -> bool:
-    return v is not None and v.const_value is None and not v.is_initializer() and v.dtype in FLOAT_TYPES
+    """A float tensor computed from the inputs: not an initializer, nor a Constant node's output
+    (weights held by Constant nodes are constants: a graph left unoptimized keeps them so)."""
+    if v is None or v.const_value is not None or v.is_initializer() or v.dtype not in FLOAT_TYPES:
+        return False
+    producer = v.producer()
+    return producer is None or producer.op_type != "Constant"
 
 
 def _const_array(v: ir.Value | None) -> np.ndarray | None:

@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from .errors import ConfigError, InvalidModelError
 from .model_editor import ModelEditor, TensorType, apply_pending
-from .model_io import MIN_OPSET, check_without_data, infer_shapes, load_model, merge_inferred, upgrade_opset
-from .optimize import optimize_ir
+from .model_io import MIN_OPSET, check_without_data, load_model, upgrade_opset
+from .optimize import optimize_ir, prepare_graph
 from .planner import QuantPlan, Supports, plan_quantization, supports_everything
 from .qdq import apply_plan
 
@@ -70,16 +69,7 @@ def resolve_target(target) -> Supports:
 
 
 def _prepare_ir(model, opset: int | None, optimize: bool, consume: bool = False) -> ir.Model:
-    proto = load_model(model, copy=not consume)
-    proto = upgrade_opset(proto, max(MIN_OPSET, opset or 0))
-    try:
-        proto = merge_inferred(proto, infer_shapes(proto, data_prop=True))
-    except Exception:  # shape inference is a help, not a requirement
-        pass
-    ir_model = ir.serde.deserialize_model(proto)
-    if optimize:
-        optimize_ir(ir_model)
-    common_passes.NameFixPass()(ir_model)
+    ir_model = prepare_graph(model, opset, optimize=optimize, consume=consume)
     if not any(v.dtype == ir.DataType.FLOAT for n in ir_model.graph for v in n.outputs if v is not None) and not any(
         v.dtype == ir.DataType.FLOAT for v in ir_model.graph.inputs
     ):

@@ -49,6 +49,7 @@ class QuantizationSettings(BaseModel):
     histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
     activation_dtype: Literal["int8", "uint8"] = "int8"
+    optimize: bool = True
     equalization: bool = False
     equalization_clip: Literal["keep", "relu"] = "keep"
     bias_correction: bool = False
@@ -85,6 +86,8 @@ class QuantConfig(QuantizationSettings):
     activation_dtype  int8 (the spec, the NPU) or uint8: the same grid with zero points + 128,
                 which onnxruntime needs on x86 to run every quantized op in integer kernels
     histogram_bins  resolution of the streaming histograms
+    optimize    fold BatchNorm, fuse activations and fold constants (onnx_backend.optimize) before
+                the graph is calibrated and quantized; False: the graph as exported or given
     sqnr_gamma  weight of clipping noise in the sqnr method (1 would make it mse)
 
     Accuracy techniques (docs/ACCURACY.md), all off by default:

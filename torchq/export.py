@@ -381,6 +381,7 @@ def export_with_report(
             exclude_nodes=config.exclude_nodes,
             exclude_tensors=c.float_tensors,
             opset=config.opset,
+            optimize=config.optimize,
             activation_dtype=config.activation_dtype,
             consume_input=True,  # ours: reused, not copied
         )

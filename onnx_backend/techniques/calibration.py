@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from .. import masks
-from ..calibrator import Ranges, activation_tensors
+from ..calibrator import Calibrator, Ranges
 from ..errors import CalibrationError
 from ..masks import MASK_MIN, softmax_margin
 from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA, map_range_searches, select_range
@@ -92,13 +92,13 @@ def _update(st: TensorStatistics, name: str, sample: int, x: np.ndarray, floor: 
         raise CalibrationError(f"tensor {name!r} holds NaN on calibration sample {sample}") from None
 
 
-def collect(model: onnx.ModelProto, feeds: Sequence[Feeds], *, bins: int = DEFAULT_BINS, tensors: Sequence[str] | None = None) -> Statistics:
-    """Statistics of every float activation (or of `tensors`) over `feeds`, masks handled."""
-    names = list(tensors) if tensors is not None else activation_tensors(model)
-    stats = {n: TensorStatistics(bins) for n in names}
-    for i, values in enumerate(tensors_on(model, feeds, names)):
-        for name, x in values.items():
-            _update(stats[name], name, i, x)
+def collect(model: onnx.ModelProto, feeds: Sequence[Feeds], *, bins: int = DEFAULT_BINS) -> Statistics:
+    """Statistics of every float activation over `feeds`, masks handled. The first pass is the
+    Calibrator's own (its session, its statistics: one collector for every entry point); only
+    the tensors an attention mask flows into are read again, without their masked values."""
+    calibrator = Calibrator(model, histogram_bins=bins, quiet=True)
+    calibrator.collect_data(feeds)
+    stats = dict(calibrator.statistics)
     masked = find_masked(model, stats)
     if masked:
         redo = {n: TensorStatistics(bins) for n in masked}

@@ -21,9 +21,9 @@ from ..quantizer import _prepare_ir
 Feeds = dict[str, np.ndarray]
 
 
-def prepare(model: onnx.ModelProto | str | bytes, opset: int | None = None) -> ir.Model:
-    """The optimized float graph every technique works on (the quantizer's own preparation)."""
-    return _prepare_ir(model, opset, optimize=True)
+def prepare(model: onnx.ModelProto | str | bytes, opset: int | None = None, *, optimize: bool = True) -> ir.Model:
+    """The float graph every technique works on (the quantizer's own preparation)."""
+    return _prepare_ir(model, opset, optimize=optimize)
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:

@@ -50,6 +50,7 @@ class Options:
     activation_dtype: str = "int8"
     opset: int | None = None
     histogram_bins: int = DEFAULT_BINS
+    optimize: bool = True  # graph optimization before calibration (onnx_backend.optimize)
     equalization: bool = False
     equalization_clip: Literal["keep", "relu"] = "keep"
     bias_correction: bool = False
@@ -125,7 +126,7 @@ def run_pipeline(
 ) -> Prepared:
     """Steps 1-7 (see the module docstring). `method_for(tensor)` may give a tensor its own
     (method, symmetric), e.g. from per-module overrides; `exclude_*` stay float throughout."""
-    ir_model = prepare(model, options.opset)
+    ir_model = prepare(model, options.opset, optimize=options.optimize)
     feeds = as_feeds(to_proto(ir_model), samples)
     report = TechniquesReport()
     if options.equalization:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from onnx_backend import Calibrator, get_pure_input_names, optimize_model, save_ranges
+import onnx_ir as ir
+
+from onnx_backend import Calibrator, get_pure_input_names, save_ranges
+from onnx_backend.calibrator import CalibrationMethod
+from onnx_backend.optimize import prepare_graph
 from onnx_backend.range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA
-from onnx_backend.statistics import DEFAULT_BINS
+
+from ..config import QuantConfig
 
 from ._common import METHOD_CHOICES, add_data_args, check_output_path, iter_samples, method_arg
 
@@ -20,15 +25,20 @@ def register(sub) -> None:
     p.set_defaults(run=run)
 
 
-def calibrate_file(args, method, percentile: float, sqnr_gamma: float, histogram_bins: int = DEFAULT_BINS):
-    model = optimize_model(args.model)
-    calibrator = Calibrator(model, method, percentage=percentile, sqnr_gamma=sqnr_gamma, histogram_bins=histogram_bins, quiet=args.quiet or None)
+def calibrate_file(args, config: QuantConfig):
+    """Calibrate `args.model` on `args.data` as `config` asks: the graph quantize_onnx would
+    prepare (config's opset and graph optimization), the Calibrator streaming the samples
+    (constant memory), config's method. Returns (prepared model, ranges, samples)."""
+    model = ir.serde.serialize_model(prepare_graph(args.model, config.opset, optimize=config.optimize))
+    method = CalibrationMethod.from_parts(config.method, config.symmetric)
+    calibrator = Calibrator(model, method, percentage=config.percentile, sqnr_gamma=config.sqnr_gamma, histogram_bins=config.histogram_bins, quiet=args.quiet or None)
     calibrator.collect_data(iter_samples(args.data, get_pure_input_names(model), args.batch_size, args.max_samples))
     return model, calibrator.compute_range(), calibrator.samples
 
 
 def run(args) -> None:
     out = check_output_path(args.output)
-    _, ranges, samples = calibrate_file(args, args.method, args.percentile, args.sqnr_gamma)
+    config = QuantConfig(method=args.method.method.value, symmetric=args.method.symmetric, percentile=args.percentile, sqnr_gamma=args.sqnr_gamma)
+    _, ranges, samples = calibrate_file(args, config)
     save_ranges(ranges, out)
     print(f"calibrated {len(ranges)} tensors on {samples} samples with {ranges.method}; ranges written to {out}")

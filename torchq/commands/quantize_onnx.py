@@ -7,7 +7,6 @@ import json
 
 from onnx_backend import ConfigError, load_ranges, quantize_with_report, save_model, validate
 from onnx_backend.model_io import write_text_atomic
-from onnx_backend.calibrator import CalibrationMethod
 
 from ..config import QuantConfig, make_config
 from ..recipes import parse_override
@@ -98,10 +97,6 @@ def config_from_args(args) -> QuantConfig:
     return make_config(**fields)
 
 
-def uses_techniques(config: QuantConfig) -> bool:
-    return config.needs_samples
-
-
 def run_techniques(args, config: QuantConfig, out) -> None:
     from onnx_backend import get_pure_input_names, load_model
 
@@ -131,12 +126,15 @@ def run(args) -> None:
     if config.needs_samples:
         run_techniques(args, config, out)
         return
+    # Without techniques the samples stream through the Calibrator (constant memory) on the graph
+    # quantize_onnx prepares: the same model, byte for byte (tests/interfaces/test_same_request_same_bytes.py).
     if args.ranges:
         model, ranges = args.model, load_ranges(args.ranges)
     else:
-        model, ranges, _ = calibrate_file(args, CalibrationMethod.from_parts(config.method, config.symmetric), config.percentile, config.sqnr_gamma, config.histogram_bins)
+        model, ranges, _ = calibrate_file(args, config)
     qmodel, report = quantize_with_report(
-        model, ranges, per_channel=config.per_channel, target=config.target, exclude_nodes=config.exclude_nodes, activation_dtype=config.activation_dtype
+        model, ranges, per_channel=config.per_channel, target=config.target, exclude_nodes=config.exclude_nodes,
+        opset=config.opset, optimize=config.optimize, activation_dtype=config.activation_dtype,
     )
     save_model(qmodel, out)
     if args.report:
