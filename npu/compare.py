@@ -31,6 +31,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnx_backend.sessions import LEVELS, open_session
+
 from .simulate import SimulationError, Simulator
 from .target import Target
 
@@ -191,19 +193,11 @@ def _where(t: TensorComparison, local: bool = False) -> str:
     return f"{t.tensor!r} from {t.op_type} {t.node!r} ({t.runs}): {_pct(share)} identical, max {steps} step(s)"
 
 
-OPTIMIZATION_LEVELS = {
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-}
+OPTIMIZATION_LEVELS = LEVELS  # onnxruntime's graph optimization levels, by name
 
 
 def _session(model: onnx.ModelProto, optimization: str) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = OPTIMIZATION_LEVELS[optimization]
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return open_session(model, level=optimization)
 
 
 class Comparator:

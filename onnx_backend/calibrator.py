@@ -27,7 +27,7 @@ import onnxruntime as ort
 import yaml
 from tqdm import tqdm
 
-from . import masks, model_io
+from . import masks, model_io, sessions
 from .errors import CalibrationError, ConfigError, InvalidModelError
 from .parallel import cpus
 from .range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA, Method, map_range_searches, select_range
@@ -325,15 +325,13 @@ class Calibrator:
         """All of onnxruntime's graph optimizations (its fusions keep every graph output, so every
         exposed tensor, and its x86 conv layouts make the runs 1.5x faster: digits_resnet 0.26 ->
         0.16 s), or basic ones where a full optimization fails on a model."""
-        options = ort.SessionOptions()
         # One core is left to the thread that bins the previous run's activations while
         # onnxruntime computes the next (see _fold): 1.2-1.5x faster on the bench's models.
-        options.intra_op_num_threads = max(1, cpus() - 1)
-        options.log_severity_level = 4  # errors reach the user as one CalibrationError line, not as a log
-        if weights:
-            options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
-        for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC):
-            options.graph_optimization_level = level
+        # Errors reach the user as one CalibrationError line, not as a log.
+        for level in ("all", "basic"):
+            options = sessions.session_options(level, threads=max(1, cpus() - 1), log_severity=4)
+            if weights:
+                options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(w) for w in weights.values()])
             try:
                 return ort.InferenceSession(source, options, providers=list(providers))
             except Exception as exc:

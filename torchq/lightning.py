@@ -151,11 +151,9 @@ class OnnxForward:
     onnxruntime and returns torch tensors shaped like the float forward's output."""
 
     def __init__(self, model: onnx.ModelProto, signature: inspect.Signature, input_names: list[str], example_output):
-        import onnxruntime as ort
+        from onnx_backend.sessions import open_session
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        self.session = open_session(model, level="all")  # as a user would run the INT8 model
         self.signature = signature
         self.input_names = input_names
         self.feed_names = {i.name for i in self.session.get_inputs()}

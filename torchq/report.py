@@ -41,6 +41,7 @@ from onnx_backend.errors import CalibrationError, InvalidModelError
 from onnx_backend.model_io import load_model
 from onnx_backend.optimize import optimize_model
 from onnx_backend.range_selection import Method, select_range
+from onnx_backend.sessions import open_session
 from onnx_backend.statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
 
 METHODS = tuple(m.value for m in Method)
@@ -192,19 +193,7 @@ def quantized_tensors(model: onnx.ModelProto) -> list[_QTensor]:
 
 
 def _session(model: onnx.ModelProto, extra_outputs: Sequence[str]) -> ort.InferenceSession:
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    have = {o.name for o in exposed.graph.output}
-    for name in extra_outputs:
-        if name not in have:
-            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # keeps exposed tensors
-    opts.log_severity_level = 3
-    try:
-        return ort.InferenceSession(exposed.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise InvalidModelError(f"onnxruntime cannot load the model: {' '.join(str(exc).split())[:300]}") from None
+    return open_session(model, expose=extra_outputs)  # Q/DQ kept as written: the values the QDQ graph defines
 
 
 def _broadcast(values: np.ndarray, axis: int | None, ndim: int) -> np.ndarray:

@@ -15,8 +15,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from ..calibrator import get_pure_input_names
-from ..errors import CalibrationError, InvalidModelError
+from ..errors import CalibrationError
 from ..quantizer import _prepare_ir
+from ..sessions import open_session
 
 Feeds = dict[str, np.ndarray]
 
@@ -58,23 +59,8 @@ def as_feeds(model: onnx.ModelProto, samples: Iterable) -> list[Feeds]:
 
 def session(model: onnx.ModelProto, expose: Sequence[str] = (), types: Mapping[str, int] | None = None) -> ort.InferenceSession:
     """An onnxruntime session whose outputs are the model's outputs plus `expose` (float tensors
-    unless `types` gives another ONNX element type)."""
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    present = {o.name for o in exposed.graph.output}
-    for name in expose:
-        if name not in present:
-            elem = (types or {}).get(name, onnx.TensorProto.FLOAT)
-            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
-            present.add(name)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # keeps exposed tensors
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    try:
-        return ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise InvalidModelError(f"onnxruntime cannot load the model: {exc}") from None
+    unless `types` gives another ONNX element type): Q/DQ kept as written, one thread."""
+    return open_session(model, expose=expose, types=types, threads=1)
 
 
 def tensors_on(model: onnx.ModelProto, feeds: Sequence[Feeds], names: Sequence[str], types: Mapping[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
