@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from onnx_backend.qmath import sqnr_db
+
 from . import efficientnet_lite as effnet
 from . import photos
 from .common import DOCS, Settings, quiet, session
@@ -72,8 +74,7 @@ def agreement(reference: np.ndarray, logits: np.ndarray) -> Agreement:
     lp = torch.log_softmax(torch.from_numpy(reference.astype(np.float64)), 1)
     lq = torch.log_softmax(torch.from_numpy(logits.astype(np.float64)), 1)
     kl = float((lp.exp() * (lp - lq)).sum(1).mean())
-    err = reference.astype(np.float64) - logits
-    sqnr = 10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(np.sum(err * err), 1e-30))
+    sqnr = sqnr_db(reference, logits)
     return Agreement(
         float((logits.argmax(1) == ref_top).mean() * 100), float(np.mean([ref_top[i] in top5[i] for i in range(len(ref_top))]) * 100), kl, float(sqnr), len(ref_top)
     )
