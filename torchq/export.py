@@ -304,6 +304,7 @@ class _Calibrated:
     ranges: Ranges
     float_tensors: set[str]
     mismatched: set[str]
+    statistics: dict[str, TensorStatistics]  # the observers', by exported tensor
 
 
 def _export_and_bind(model, example_inputs, kwargs, dynamo, export_options) -> _Calibrated:
@@ -320,7 +321,7 @@ def _export_and_bind(model, example_inputs, kwargs, dynamo, export_options) -> _
     stats, source = statistics_by_tensor(bindings, session.observers, skip=session.mismatched)
     ranges, float_tensors = choose_ranges(stats, source, config)
     ranges = Ranges(masks.keep_masking(ir_model, stats, ranges), mask_values=masks.mask_counts(stats))
-    return _Calibrated(ir_model, bindings, ranges, float_tensors, set(session.mismatched))
+    return _Calibrated(ir_model, bindings, ranges, float_tensors, set(session.mismatched), stats)
 
 
 def export_float(
@@ -370,7 +371,7 @@ def export_with_report(
     if config.needs_samples:  # accuracy techniques: run on the ONNX graph with the kept samples
         from .techniques.pipeline import run_on_export
 
-        qmodel, backend_report, c.ranges, techniques = run_on_export(model, float_proto, c.bindings, c.float_tensors, config)
+        qmodel, backend_report, c.ranges, techniques = run_on_export(model, float_proto, c.bindings, c.float_tensors, config, c.statistics)
     else:
         techniques = _mask_warning(float_proto, c.ranges)  # before quantize consumes float_proto
         qmodel, backend_report = quantize_with_report(

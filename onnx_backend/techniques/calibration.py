@@ -115,6 +115,16 @@ def collect(model: onnx.ModelProto, feeds: Sequence[Feeds], *, bins: int = DEFAU
     return Statistics(stats, masked, len(feeds), mask_operands if masked else set(), gaps)
 
 
+def given(model: onnx.ModelProto, stats: dict[str, TensorStatistics], samples: int) -> Statistics | None:
+    """Statistics gathered elsewhere (the PyTorch observers, on every calibration batch) as the
+    pipeline's, or None when an attention mask flows into one of their tensors: those must be
+    read again without their masked positions, which needs the inputs (see `collect`)."""
+    if find_masked(model, stats):
+        return None
+    gaps = masks.softmax_gaps(masks.ir_graph(model)) if any(st.masked for st in stats.values()) else {}
+    return Statistics(dict(stats), {}, samples, set(), gaps)
+
+
 def _is_mask(st: TensorStatistics) -> bool:
     """Holds mask values, or values <= MASK_MIN."""
     return st.mask_low > 0 or (not st.empty and st.min <= MASK_MIN)

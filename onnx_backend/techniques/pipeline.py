@@ -30,7 +30,7 @@ from .. import masks
 from ..calibrator import Ranges
 from ..quantizer import QuantizationReport, quantize_with_report
 from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA
-from ..statistics import DEFAULT_BINS
+from ..statistics import DEFAULT_BINS, TensorStatistics
 from . import bias_correction, calibration, equalization
 from .graph import Feeds, as_feeds, prepare, to_proto
 
@@ -123,9 +123,12 @@ def run_pipeline(
     method_for: Callable[[str], tuple[str, bool]] | None = None,
     exclude_nodes: Iterable[str] = (),
     exclude_tensors: Iterable[str] = (),
+    statistics: Mapping[str, TensorStatistics] | None = None,
 ) -> Prepared:
     """Steps 1-7 (see the module docstring). `method_for(tensor)` may give a tensor its own
-    (method, symmetric), e.g. from per-module overrides; `exclude_*` stay float throughout."""
+    (method, symmetric), e.g. from per-module overrides; `exclude_*` stay float throughout.
+    `statistics` of the float graph's tensors, gathered elsewhere, replace step 4 unless a step
+    before it changed the activations (equalization, SmoothQuant)."""
     ir_model = prepare(model, options.opset, optimize=options.optimize)
     feeds = as_feeds(to_proto(ir_model), samples)
     report = TechniquesReport()
@@ -135,7 +138,10 @@ def run_pipeline(
         from . import smoothquant
 
         report.steps["smoothquant"] = smoothquant.smooth(ir_model, feeds, options).to_dict()
-    stats = calibration.collect(to_proto(ir_model), feeds, bins=options.histogram_bins)
+    changed = options.equalization or options.smoothquant is not None
+    stats = None if statistics is None or changed else calibration.given(to_proto(ir_model), dict(statistics), len(feeds))
+    if stats is None:
+        stats = calibration.collect(to_proto(ir_model), feeds, bins=options.histogram_bins)
     if stats.masked:
         report.steps["attention_masks"] = {
             "masked": {t: {"left_out_below": m.floor, "softmax_length": m.softmax_length} for t, m in stats.masked.items()},

@@ -103,3 +103,29 @@ def test_every_entry_point_writes_the_same_bytes(subject, method, optimize):
         assert main(["--quiet", "quantize-onnx", str(path), "--ranges", f"{out}.ranges.json", *flags, "-o", f"{out}.ranges.onnx"]) == 0
         assert Path(f"{out}.ranges.onnx").read_bytes() == reference, "torchq calibrate + quantize-onnx --ranges"
     assert onnx.load_from_string(reference).graph.node  # a model, not an empty file
+
+
+@pytest.mark.parametrize("technique", [{"bias_correction": True}, {"adaround": True, "adaround_iterations": 20}, {"method": "auto"}])
+def test_the_pytorch_path_keeps_its_observers_statistics_with_techniques(technique):
+    """Ranges come from every calibration batch (the observers), not from the few kept samples,
+    whenever no technique changes the activations before calibration."""
+    torch.manual_seed(0)
+    batches = [torch.randn(4, 3, 16, 16) * (1 + i) for i in range(6)]  # later batches are wider
+    example = batches[0][:1]
+
+    def export(**fields):
+        model = ConvBnNet().eval()
+        torchq.prepare(model, torchq.QuantConfig(max_samples=4, **fields))
+        try:
+            torchq.calibrate(model, batches, quiet=True)
+            return torchq.export_with_report(model, example, dynamo=False)[1]
+        finally:
+            torchq.unprepare(model)
+
+    plain, with_technique = export(), export(**technique)
+    assert with_technique.techniques["samples"]["kept"] == 4 and with_technique.techniques["samples"]["ranges_from"] == "observers"
+    fixed = {t: r for t, r in plain.ranges.items() if t in with_technique.ranges}
+    if technique.get("method") != "auto":  # auto chooses each method again; the statistics are the same
+        assert fixed and {t: tuple(with_technique.ranges[t]) for t in fixed} == {t: tuple(r) for t, r in fixed.items()}
+    # equalization changes the activations: they are observed again, on the kept samples
+    assert export(equalization=True).techniques["samples"]["ranges_from"] == "kept samples"

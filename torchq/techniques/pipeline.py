@@ -35,8 +35,11 @@ def prepare_onnx(
     method_for: Callable[[str], tuple[str, bool]] | None = None,
     exclude_nodes: Iterable[str] = (),
     exclude_tensors: Iterable[str] = (),
+    statistics: Mapping | None = None,
 ) -> tuple[Prepared, AdaRoundReport | None]:
-    """Run the techniques of `config` on a float ONNX model; quantize with `.quantize()`."""
+    """Run the techniques of `config` on a float ONNX model; quantize with `.quantize()`.
+    `statistics` ({tensor: TensorStatistics}) gathered elsewhere set the ranges unless a
+    technique changes the activations first (onnx_backend.techniques.pipeline.run_pipeline)."""
     cfg = make_config(config)
     ada = AdaRoundReport() if cfg.adaround else None
     prepared = run_pipeline(
@@ -47,6 +50,7 @@ def prepare_onnx(
         method_for=method_for,
         exclude_nodes=exclude_nodes,
         exclude_tensors=exclude_tensors,
+        statistics=statistics,
     )
     if ada is not None:
         prepared.report.steps["adaround"] = ada.to_dict()
@@ -91,18 +95,28 @@ def method_for_bindings(config: QuantConfig, bindings: Mapping[str, list[str]]) 
     return pick
 
 
-def run_on_export(module, float_proto: onnx.ModelProto, bindings: Mapping[str, list[str]], float_tensors: set[str], config: QuantConfig):
+def run_on_export(module, float_proto: onnx.ModelProto, bindings: Mapping[str, list[str]], float_tensors: set[str], config: QuantConfig, statistics: Mapping | None = None):
     """`torchq.export`'s hook: the techniques on the exported float graph, with the samples that
-    `prepare` kept. Returns (qmodel, quantizer report, ranges, techniques report)."""
+    `prepare` kept for what needs inputs, and the observers' `statistics` (every calibration
+    batch, bound to the exported tensors) for the ranges unless a technique changes the
+    activations first. Returns (qmodel, quantizer report, ranges, techniques report)."""
     from .. import samples
 
     store = samples.store_of(module)
     if store is None:
         raise CalibrationError("no calibration samples were kept for the accuracy techniques: prepare the model with this config before calibrating")
     prepared, _ = prepare_onnx(
-        float_proto, exported_feeds(store, float_proto), config, method_for=method_for_bindings(config, bindings), exclude_nodes=config.exclude_nodes, exclude_tensors=float_tensors
+        float_proto,
+        exported_feeds(store, float_proto),
+        config,
+        method_for=method_for_bindings(config, bindings),
+        exclude_nodes=config.exclude_nodes,
+        exclude_tensors=float_tensors,
+        statistics=statistics,
     )
     qmodel, qreport = prepared.quantize()
     steps = dict(prepared.report.steps)
     steps["samples"] = {"kept": store.samples, "bytes": store.bytes, "runs": len(prepared.feeds)}
+    observed = statistics is not None and prepared.statistics.stats is not None and all(prepared.statistics.stats.get(t) is s for t, s in statistics.items())
+    steps["samples"]["ranges_from"] = "observers" if observed else "kept samples"
     return qmodel, qreport, dict(prepared.ranges), steps
