@@ -232,6 +232,23 @@ def value_sources(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, t
     return sources
 
 
+def sample_feeds(sample, input_names: Sequence[str], index: int) -> dict[str, np.ndarray]:
+    """One calibration sample -- a list of inputs in input order, a single array, or
+    {input name: array} -- as {input name: array}, every input present (the one reading of a
+    sample, for the Calibrator and the technique pipeline alike)."""
+    if isinstance(sample, Mapping):
+        feeds = {k: np.asarray(v) for k, v in sample.items()}
+    else:
+        sample = [sample] if isinstance(sample, np.ndarray) else list(sample)
+        if len(sample) != len(input_names):
+            raise CalibrationError(f"calibration sample {index} has {len(sample)} inputs; the model takes {len(input_names)} ({', '.join(input_names)})")
+        feeds = {k: np.asarray(v) for k, v in zip(input_names, sample)}
+    missing = [n for n in input_names if n not in feeds]
+    if missing:
+        raise CalibrationError(f"calibration sample {index} lacks model input(s) {missing}")
+    return feeds
+
+
 def _progress(iterable, desc: str, quiet: bool | None):
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     total = len(iterable) if hasattr(iterable, "__len__") else None
@@ -339,20 +356,9 @@ class Calibrator:
         raise InvalidModelError(f"onnxruntime cannot load the model: {error}") from None
 
     def _feeds(self, sample) -> dict[str, np.ndarray]:
-        if isinstance(sample, Mapping):
-            feeds = dict(sample)
-        else:
-            if isinstance(sample, np.ndarray):
-                sample = [sample]
-            sample = list(sample)
-            if len(sample) != len(self.input_names):
-                raise CalibrationError(f"calibration sample {self.samples} has {len(sample)} inputs; the model takes {len(self.input_names)} ({', '.join(self.input_names)})")
-            feeds = dict(zip(self.input_names, sample))
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise CalibrationError(f"calibration sample {self.samples} lacks model input(s) {missing}")
+        feeds = sample_feeds(sample, self.input_names, self.samples)
         for name in self.input_names:
-            feeds[name] = self._check_input(name, np.asarray(feeds[name]))
+            feeds[name] = self._check_input(name, feeds[name])
         return {k: v for k, v in feeds.items() if k in self._input_meta}
 
     def _check_input(self, name: str, x: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from ..calibrator import get_pure_input_names
+from ..calibrator import get_pure_input_names, sample_feeds
 from ..errors import CalibrationError
 from ..quantizer import _prepare_ir
 from ..sessions import open_session
@@ -41,16 +41,7 @@ def as_feeds(model: onnx.ModelProto, samples: Iterable) -> list[Feeds]:
     names = get_pure_input_names(model)
     out = []
     for i, s in enumerate(samples):
-        if isinstance(s, Mapping):
-            feeds = {k: np.asarray(v) for k, v in s.items()}
-        else:
-            s = [s] if isinstance(s, np.ndarray) else list(s)
-            if len(s) != len(names):
-                raise CalibrationError(f"calibration sample {i} has {len(s)} inputs; the model takes {len(names)} ({', '.join(names)})")
-            feeds = {k: np.asarray(v) for k, v in zip(names, s)}
-        missing = [n for n in names if n not in feeds]
-        if missing:
-            raise CalibrationError(f"calibration sample {i} lacks model input(s) {missing}")
+        feeds = sample_feeds(s, names, i)
         out.append({k: (v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in feeds.items() if k in names})
     if not out:
         raise CalibrationError("the calibration dataset is empty")

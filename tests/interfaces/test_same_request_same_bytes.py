@@ -129,3 +129,15 @@ def test_the_pytorch_path_keeps_its_observers_statistics_with_techniques(techniq
         assert fixed and {t: tuple(with_technique.ranges[t]) for t in fixed} == {t: tuple(r) for t, r in fixed.items()}
     # equalization changes the activations: they are observed again, on the kept samples
     assert export(equalization=True).techniques["samples"]["ranges_from"] == "kept samples"
+
+
+def test_one_reading_of_a_sample_for_every_entry_point(subject):
+    """The Calibrator and quantize_onnx refuse a malformed sample with the same message."""
+    path, data, _ = subject
+    messages = []
+    for run in (lambda s: Calibrator(str(path), quiet=True).collect_data(s), lambda s: torchq.quantize_onnx(str(path), s, torchq.QuantConfig())):
+        for bad in ([[data[:1], data[:1]]], [{"not_an_input": data[:1]}]):
+            with pytest.raises(torchq.CalibrationError) as err:
+                run(bad)
+            messages.append(str(err.value))
+    assert messages[:2] == messages[2:] and "has 2 inputs; the model takes 1" in messages[0] and "lacks model input(s)" in messages[1]
