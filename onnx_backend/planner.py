@@ -13,7 +13,9 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
    performs the clamp exactly.
 4. Concat / Max / Min share one scale across inputs and output: an input whose producer has
    its own scale and no other consumer takes the output's parameters; any other input is
-   requantized on that edge.
+   requantized on that edge. An input whose own range spans fewer than SHARED_SCALE_MIN_STEPS
+   steps of the shared scale (a detection head's sigmoid scores concatenated with box
+   coordinates) keeps the spec and is reported in `crushed_inputs`, never silently.
 5. Weights are int8 symmetric per output channel (spec.weight_axis), widened where needed so
    the int32 bias (scale = input scale x weight scale) cannot overflow. A MatMul whose output
    only feeds an Add of a constant vector (a Linear layer) treats that vector as its int32 bias.
@@ -46,6 +48,9 @@ from .qmath import QuantParams
 Supports = Callable[[ir.Node], tuple[bool, str]]
 OUTPUT_LAYER_REASON = "a Linear layer writing a model output: computed in float on the host, so the output is not rounded to an int8 grid"
 FLOAT_TYPES = {ir.DataType.FLOAT}
+# Fewer integer levels than this for an input's own range under a shared Concat / Max / Min
+# scale: its signal is crushed (4 bits), which the report says.
+SHARED_SCALE_MIN_STEPS = 16
 INTEGER_ARITHMETIC = "integer arithmetic: its outputs only reach integer casts and shape inputs, so it stays exact in float"
 
 
@@ -72,6 +77,8 @@ class QuantPlan:
     float_tensors: dict[str, str] = field(default_factory=dict)  # tensor -> why it stays float
     float_nodes: dict[str, str] = field(default_factory=dict)  # node -> why it runs in float
     int8_nodes: list[str] = field(default_factory=list)
+    # tensor -> why: inputs a shared scale leaves fewer than SHARED_SCALE_MIN_STEPS levels of their own range
+    crushed_inputs: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
@@ -81,6 +88,7 @@ class QuantPlan:
             "absorbed_activations": len(self.absorbed),
             "requantized_edges": len(self.requantize),
             "float_tensors": len(self.float_tensors),
+            "crushed_inputs": len(self.crushed_inputs),
         }
 
 
@@ -399,12 +407,27 @@ class Planner:
             if x is None or not is_float_activation(x):
                 continue
             current = self._activation_params_of(x)
+            self._check_levels(node, x, current, shared)
             if current is not None and current.same_as(shared):
                 continue
             if current is not None and self._can_take_params(x, shared):
                 self.plan.activations[x.name] = shared
             else:
                 self.plan.requantize.append((node.name, i, shared))
+
+    def _check_levels(self, node: ir.Node, x: ir.Value, current: QuantParams | None, shared: QuantParams) -> None:
+        """Report an input whose own range the shared scale resolves into too few levels."""
+        own = self.ranges.get(x.name) or (current.range() if current is not None else None)
+        if own is None:
+            return
+        steps = (float(own[1]) - float(own[0])) / float(shared.scale)
+        if steps < SHARED_SCALE_MIN_STEPS:
+            lo, hi = shared.range()
+            self.plan.crushed_inputs[x.name] = (
+                f"{node.op_type} {node.name} shares one scale over its inputs and output ([{lo:.4g}, {hi:.4g}]): this input's own range "
+                f"[{float(own[0]):.4g}, {float(own[1]):.4g}] gets {steps:.1f} of its 255 steps; quantize the parts separately "
+                "(concatenate after the model, or keep this node on the host) to keep its precision"
+            )
 
     def _can_take_params(self, x: ir.Value, shared: QuantParams) -> bool:
         producer = x.producer()
