@@ -357,6 +357,13 @@ class Planner:
                 self._share_scale(node)
 
     def _derived_params(self, node: ir.Node, rule: spec.OpRule, out: ir.Value) -> QuantParams | None:
+        if rule.output is spec.OutputScale.SAME_AS_INPUT and not rule.all_inputs_share_scale:
+            # On the host too: the output's values lie on the quantized input's grid (a subset,
+            # a rearrangement, or averages within its range), so requantizing them to a scale of
+            # their own only adds a rounding and breaks the same-scale rule (Swin's q/k/v Gathers).
+            source = self._activation_params_of(node.inputs[0])
+            if source is not None:
+                return source
         if not self.runs_int8(node):
             return None
         if rule.output is spec.OutputScale.FIXED:
@@ -364,9 +371,6 @@ class Planner:
             return QuantParams(np.float32(scale), np.int8(zero))
         if rule.output is spec.OutputScale.SAME_AS_INPUT and not rule.all_inputs_share_scale:
             x = node.inputs[0]
-            source = self._activation_params_of(x)
-            if source is not None:
-                return source
             arr = _const_array(x)
             if arr is not None and arr.size and np.all(np.isfinite(arr)):
                 return self._constant_params(arr)  # what _plan_constants gives the constant input
