@@ -54,6 +54,34 @@ SHARED_SCALE_MIN_STEPS = 16
 INTEGER_ARITHMETIC = "integer arithmetic: its outputs only reach integer casts and shape inputs, so it stays exact in float"
 
 
+SHAPE_DERIVED = (
+    "computed from tensor shapes and constants only (the exporter's arithmetic on sizes, e.g. attention's 1 / sqrt(head size)): "
+    "no data flows into it to calibrate, so it stays float"
+)
+
+
+def _from_shapes_only(v: ir.Value) -> bool:
+    """True when no data reaches `v` except through Shape / Size: its value depends on shapes alone."""
+    seen: set[int] = set()
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen or x.const_value is not None or x.is_initializer():
+            continue
+        seen.add(id(x))
+        producer = x.producer()
+        if producer is None:
+            return False  # a graph input: data
+        if producer.op_type in ("Shape", "Size"):
+            continue
+        stack.extend(producer.inputs)
+    return True
+
+
+def _no_statistics(v: ir.Value) -> str:
+    return SHAPE_DERIVED if _from_shapes_only(v) else "no calibration statistics for this tensor"
+
+
 def supports_everything(node: ir.Node) -> tuple[bool, str]:
     return True, ""
 
@@ -350,7 +378,7 @@ class Planner:
                 if p is None:
                     p = self._own_params(out.name)
                 if p is None:
-                    self.plan.float_tensors[out.name] = "no calibration statistics for this tensor"
+                    self.plan.float_tensors[out.name] = _no_statistics(out)
                     continue
                 params[out.name] = p
             if self.runs_int8(node) and rule.all_inputs_share_scale:
@@ -604,7 +632,7 @@ class Planner:
                         continue
                     if producer is not None and producer.name in self.plan.absorbed:
                         continue
-                    self.plan.float_tensors[v.name] = "no calibration statistics for this tensor"
+                    self.plan.float_tensors[v.name] = _no_statistics(v)
 
     def run(self) -> QuantPlan:
         self._decide_nodes()
