@@ -188,33 +188,54 @@ def _onnxruntime(arch, model, calibration: list[dict], example: dict, feeds, ref
     return run
 
 
-def measure(arch, quick: bool = False, tools=(*EXPORTERS, "onnxruntime"), log=print) -> Row:
+@dataclass
+class Case:
+    """One architecture ready to measure: the float model, its data and its float outputs."""
+
+    arch: object
+    model: object
+    calibration: list[dict]  # batches of BATCH inputs
+    example: dict  # batch 1, for export
+    feeds: dict[str, np.ndarray]  # evaluation inputs, disjoint from calibration's
+    reference: list[np.ndarray]  # the float PyTorch model's outputs on feeds
+    row: Row
+
+
+def prepare(arch, quick: bool = False) -> Case:
+    """Build the model and its data; `case.row.error` says why when that already fails."""
     import torch
 
     n_cal, n_eval = (QUICK_CALIBRATION_BATCHES, QUICK_EVALUATION) if quick else (CALIBRATION_BATCHES, EVALUATION)
-    samples = f"{n_cal * BATCH} calibration, {n_eval} evaluation inputs"
-    try:
-        model = arch.build()
-    except Exception as exc:
-        return Row(arch.name, arch.family, arch.notes, 0.0, samples, error="build: " + _short(exc))
-    row = Row(arch.name, arch.family, arch.notes, round(sum(p.numel() for p in model.parameters()) / 1e6, 1), samples)
+    row = Row(arch.name, arch.family, arch.notes, 0.0, f"{n_cal * BATCH} calibration, {n_eval} evaluation inputs")
     calibration = [arch.inputs(BATCH, seed) for seed in range(n_cal)]
     evaluation = arch.inputs(n_eval, 1000)
-    example = {k: v[:1] for k, v in evaluation.items()}
+    case = Case(arch, None, calibration, {k: v[:1] for k, v in evaluation.items()}, {k: v.numpy() for k, v in evaluation.items()}, [], row)
+    try:
+        case.model = arch.build()
+    except Exception as exc:
+        row.error = "build: " + _short(exc)
+        return case
+    row.params_m = round(sum(p.numel() for p in case.model.parameters()) / 1e6, 1)
     try:
         with torch.no_grad():
-            reference = [t.numpy() for t in arch.outputs(arch.call(model, evaluation))]
+            case.reference = [t.numpy() for t in arch.outputs(arch.call(case.model, evaluation))]
     except Exception as exc:
         row.error = "float forward: " + _short(exc)
-        return row
-    feeds = {k: v.numpy() for k, v in evaluation.items()}
-    for tool in tools:
-        log(f"  {arch.name}: {tool}")
-        if tool == "onnxruntime":
-            row.runs[tool] = _onnxruntime(arch, model, calibration, example, feeds, reference)
-        else:
-            row.runs[tool] = _ours(arch, model, calibration, example, feeds, reference, dynamo=tool == "dynamo")
-    return row
+    return case
+
+
+def run_tool(case: Case, tool: str) -> Run:
+    args = (case.arch, case.model, case.calibration, case.example, case.feeds, case.reference)
+    return _onnxruntime(*args) if tool == "onnxruntime" else _ours(*args, dynamo=tool == "dynamo")
+
+
+def measure(arch, quick: bool = False, tools=(*EXPORTERS, "onnxruntime"), log=print) -> Row:
+    case = prepare(arch, quick)
+    if not case.row.error:
+        for tool in tools:
+            log(f"  {arch.name}: {tool}")
+            case.row.runs[tool] = run_tool(case, tool)
+    return case.row
 
 
 # ---- cache and table ------------------------------------------------------------------------------
@@ -318,19 +339,28 @@ def run_models(names: list[str], quick: bool, fresh: bool = False, log=print) ->
     return rows
 
 
+SMOKE = ("resnet18", "hf_bert")  # bench.run --quick: the section's code runs, in seconds
+
+
+def section_text(rows: list[Row], command: str, minutes: float = 0.0) -> str:
+    """The section of BENCHMARKS.md: COMPATIBILITY.md without its title."""
+    return render(rows, command, minutes).split("\n", 2)[2]
+
+
 def run_section(settings, workdir, log=print) -> tuple[str, list[Row]]:
-    """The `compatibility` section of `python -m bench.run`: also writes docs/COMPATIBILITY.md (not with --quick)."""
-    from .compat_models import ARCHES, QUICK
+    """The `compatibility` section of `python -m bench.run`; the full run also writes
+    docs/COMPATIBILITY.md. Quick mode measures SMOKE afresh (no cache)."""
+    from .compat_models import ARCHES
 
     t0 = time.perf_counter()
-    rows = run_models(QUICK if settings.quick else list(ARCHES), settings.quick, log=log)
-    text = render(rows, "python -m bench.run --only compatibility" + (" --quick" if settings.quick else ""), (time.perf_counter() - t0) / 60)
+    rows = run_models(list(SMOKE) if settings.quick else list(ARCHES), settings.quick, fresh=settings.quick, log=log)
+    command = "python -m bench.run --only compatibility" + (" --quick" if settings.quick else "")
+    minutes = (time.perf_counter() - t0) / 60
     if not settings.quick:
         from onnx_backend.model_io import write_text_atomic
 
-        write_text_atomic(DOCS / "COMPATIBILITY.md", text)
-    passed = sum(r.verdict() == "pass" for r in rows)
-    return f"{passed} of {len(rows)} architectures pass (docs/COMPATIBILITY.md).\n\n" + text.split("\n", 1)[1], rows
+        write_text_atomic(DOCS / "COMPATIBILITY.md", render(rows, command, minutes))
+    return section_text(rows, command, minutes), rows
 
 
 def main(argv: list[str] | None = None) -> int:
