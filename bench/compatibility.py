@@ -93,13 +93,16 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}{where}"
 
 
-def _sqnr(arch, reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict[str, float]:
+def _sqnr(arch, reference: list[np.ndarray], outputs: list[np.ndarray], feeds: dict[str, np.ndarray]) -> dict[str, float]:
     from onnx_backend.qmath import sqnr_db
 
     out = {}
+    real = feeds["attention_mask"].astype(bool) if "attention_mask" in feeds else None
     for name, ref, got in zip(arch.output_names, reference, outputs):
         if got.shape != ref.shape:
             raise ValueError(f"output {name!r} has shape {got.shape}, float has {ref.shape}")
+        if real is not None:  # the real tokens only: what padding positions hold is nobody's output
+            ref, got = ref[real], got[real]
         parts = arch.parts.get(name)
         if parts:
             for part, where in parts.items():
@@ -141,7 +144,7 @@ def _ours(arch, model, calibration: list[dict], example: dict, feeds, reference,
     run.host_nodes = len(report.backend.float_nodes)
     run.warnings = list(getattr(report.backend, "warnings", []))
     try:
-        run.sqnr = _sqnr(arch, reference, _run_default_session(qmodel, feeds))
+        run.sqnr = _sqnr(arch, reference, _run_default_session(qmodel, feeds), feeds)
         run.ok = True
     except Exception as exc:
         run.error = "onnxruntime on torchq's model: " + _short(exc)
@@ -155,9 +158,14 @@ def _float_export(arch, model, example: dict, path: Path) -> None:
 
     from .common import quiet
 
+    from torchq.export import _KeywordAdapter  # tracing passes inputs positionally only, as torchq's own export does
+
     args, kwargs = arch.export_args(example)
+    traced = model
+    if kwargs:
+        traced, args = _KeywordAdapter(model, list(kwargs)), args + tuple(kwargs.values())
     with quiet(), torch.no_grad():
-        torch.onnx.export(model, args, str(path), kwargs=kwargs or None, dynamo=False, opset_version=17, input_names=arch.input_names, output_names=arch.output_names, dynamic_axes=arch.dynamic_axes)
+        torch.onnx.export(traced, args, str(path), dynamo=False, opset_version=17, input_names=arch.input_names, output_names=arch.output_names, dynamic_axes=arch.dynamic_axes)
 
 
 def _onnxruntime(arch, model, calibration: list[dict], example: dict, feeds, reference) -> Run:
@@ -181,7 +189,7 @@ def _onnxruntime(arch, model, calibration: list[dict], example: dict, feeds, ref
     run.seconds = round(run.seconds, 1)
     run.violations = [str(v) for v in validate(qmodel)]
     try:
-        run.sqnr = _sqnr(arch, reference, _run_default_session(qmodel, feeds))
+        run.sqnr = _sqnr(arch, reference, _run_default_session(qmodel, feeds), feeds)
         run.ok = True
     except Exception as exc:
         run.error = "onnxruntime on its own model: " + _short(exc)
