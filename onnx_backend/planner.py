@@ -452,8 +452,9 @@ class Planner:
         own = self.ranges.get(x.name) or (current.range() if current is not None else None)
         if own is None:
             return
-        steps = (float(own[1]) - float(own[0])) / float(shared.scale)
-        if steps < SHARED_SCALE_MIN_STEPS:
+        width = float(own[1]) - float(own[0])
+        steps = width / float(shared.scale)
+        if width > 0 and steps < SHARED_SCALE_MIN_STEPS:  # a constant value (a zero class token) has nothing to resolve
             lo, hi = shared.range()
             self.plan.crushed_inputs[x.name] = (
                 f"{node.op_type} {node.name} shares one scale over its inputs and output ([{lo:.4g}, {hi:.4g}]): this input's own range "
