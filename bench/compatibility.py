@@ -365,7 +365,7 @@ SMOKE = ("resnet18", "hf_bert")  # bench.run --quick: the section's code runs, i
 
 def section_text(rows: list[Row], command: str, minutes: float = 0.0) -> str:
     """The section of BENCHMARKS.md: COMPATIBILITY.md without its title."""
-    return render(rows, command, minutes).split("\n", 2)[2]
+    return render(rows, command, minutes).split("\n", 2)[2].replace("\n## Per model", "\n### Per model")
 
 
 def run_section(settings, workdir, log=print) -> tuple[str, list[Row]]:
