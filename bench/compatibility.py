@@ -311,7 +311,11 @@ def render(rows: list[Row], command: str, minutes: float) -> str:
         "against the float PyTorch model on evaluation inputs disjoint from calibration's. Detectors: each raw head output, "
         "and each part of a concatenated one. `viol.`: the spec validator's count (dynamo / dynamo=False; onnxruntime's own model "
         "in the last column). `float`: tensors the report keeps in float (reasons below), `host`: nodes the target leaves on "
-        "the host. Time: calibration + export + quantization (s).",
+        "the host. Time: calibration + export + quantization (s), and onnxruntime's quantize_static.",
+        "",
+        "Random weights make deep networks sensitive to any perturbation, so the absolute SQNR of deep random-weight CNNs is "
+        "low for every tool (a trained network's is higher); what the table judges is the difference to onnxruntime on the "
+        "same model, calibration batches and evaluation inputs. HF models: SQNR over the real (unpadded) tokens.",
         "",
     ]
     head = ["model", "family", "params (M)", "SQNR dynamo", "SQNR dynamo=False", "SQNR onnxruntime", "viol.", "float", "host", "time (s)", "verdict"]
