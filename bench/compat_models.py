@@ -172,7 +172,7 @@ TORCHVISION = [
     ("shufflenet_v2_x1_0", {}), ("densenet121", {}), ("googlenet", dict(aux_logits=False, init_weights=False)),
     ("squeezenet1_1", {}), ("mnasnet1_0", {}), ("vit_b_16", dict(image_size=IMAGE)), ("swin_t", {}),
 ]  # fmt: skip
-TORCHVISION_QUICK = {"resnet18", "mobilenet_v3_small", "shufflenet_v2_x1_0"}
+TORCHVISION_QUICK = {"resnet18", "mobilenet_v3_large", "shufflenet_v2_x1_0"}
 
 TIMM = [
     ("cspresnet50", {}), ("repvgg_a0", {}), ("ghostnet_100", {}), ("mobilevit_xxs", {}), ("levit_128s", dict(img_size=IMAGE)),
@@ -180,7 +180,7 @@ TIMM = [
     ("convnextv2_atto", {}), ("deit_tiny_patch16_224", dict(img_size=IMAGE)), ("poolformer_s12", {}), ("mixnet_s", {}),
     ("rexnet_100", {}), ("mobileone_s0", {}), ("hgnetv2_b0", {}), ("efficientvit_b0", {}), ("repvit_m0_9", {}),
 ]  # fmt: skip
-TIMM_QUICK = {"deit_tiny_patch16_224", "repvgg_a0"}
+TIMM_QUICK = {"deit_tiny_patch16_224", "ghostnet_100"}
 
 
 def _arches() -> dict[str, Arch]:

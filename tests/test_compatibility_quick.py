@@ -28,7 +28,7 @@ CASES = [(name, "torchscript") for name in QUICK] + [(name, "dynamo") for name i
 
 @lru_cache(maxsize=1)  # the cases run model by model; one model held at a time
 def _prepared(name: str):
-    case = compat.prepare(ARCHES[name], quick=True)
+    case = compat.prepare(ARCHES[name])  # the full table's samples: its rows and these agree
     assert not case.row.error, case.row.error
     peer = compat.run_tool(case, "onnxruntime")
     assert peer.ok, peer.error
