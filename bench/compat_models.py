@@ -176,7 +176,7 @@ TORCHVISION_QUICK = {"resnet18", "mobilenet_v3_large", "shufflenet_v2_x1_0"}
 
 TIMM = [
     ("cspresnet50", {}), ("repvgg_a0", {}), ("ghostnet_100", {}), ("mobilevit_xxs", {}), ("levit_128s", dict(img_size=IMAGE)),
-    ("edgenext_xx_small", {}), ("fastvit_t8", {}), ("mobilenetv4_conv_small", {}), ("efficientformer_l1", {}),
+    ("edgenext_xx_small", {}), ("fastvit_t8", {}), ("mobilenetv4_conv_small", {}), ("efficientformer_l1", dict(size=224)),
     ("convnextv2_atto", {}), ("deit_tiny_patch16_224", dict(img_size=IMAGE)), ("poolformer_s12", {}), ("mixnet_s", {}),
     ("rexnet_100", {}), ("mobileone_s0", {}), ("hgnetv2_b0", {}), ("efficientvit_b0", {}), ("repvit_m0_9", {}),
 ]  # fmt: skip
@@ -196,7 +196,9 @@ def _arches() -> dict[str, Arch]:
     ]  # fmt: skip
     for name in ("deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "fcn_resnet50"):
         arches.append(Arch(name, "torchvision-segmentation", partial(_segmenter, name), det, ["image"], ["out"], notes="128 px, the 'out' map"))
-    arches += [_cls(n, partial(_timm, n, **kw), "timm", quick=n in TIMM_QUICK) for n, kw in TIMM]
+    for n, kw in TIMM:
+        size = kw.get("size", IMAGE)  # EfficientFormer's attention biases are sized for 224 px (7 x 7 at stride 32)
+        arches.append(_cls(n, partial(_timm, n, **kw), "timm", size, f"{size} px", quick=n in TIMM_QUICK))
     from tests import hf_models as hf
 
     arches += [_hf(f) for f in hf.FAMILIES]
