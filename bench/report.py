@@ -12,6 +12,7 @@ TITLES = {
     "onnx": "3. ONNX in, quantized ONNX out: torchq's backend vs onnxruntime's quantizer (issue 3)",
     "zoo": "4. Latency of the test zoo (issue 2)",
     "robustness": "5. No calibration method collapses: real OCR models and a hard-swish net (issue 18)",
+    "compatibility": "6. Compatibility: the architectures users bring (issue 16)",
 }
 
 WHY_SLOW = """\
@@ -188,6 +189,13 @@ def summary(results: dict) -> str:
             lines.append(f"| ONNX path: histogram methods calibrate ≥ 5× faster than onnxruntime's Entropy calibration | {_yes(all(v >= 5 for v in speed.values()))} | " + ", ".join(f"{k} {v:.1f}×" for k, v in speed.items()) + " |")
         faster = {r.name: r.latency["ours"] <= r.latency["ort"] for r in rows if "ort" in r.latency}
         lines.append(f"| ONNX path: torchq INT8 (uint8 storage) runs faster than onnxruntime's INT8 (1 thread) | {_yes(all(faster.values()))} | " + ", ".join(f"{k} {r.latency['ours']:.3f} vs {r.latency['ort']:.3f} ms" for r in rows for k in [r.name] if "ort" in r.latency) + " |")
+    compat = results.get("compatibility") or []
+    if compat:
+        failing = [r.name for r in compat if r.verdict() != "pass"]
+        lines.append(
+            f"| Compatibility: ≥ 45 architectures, both exporters, 0 spec violations, SQNR ≥ onnxruntime − 1 dB (docs/COMPATIBILITY.md) | {_yes(len(compat) >= 45 and not failing)} | "
+            f"{len(compat) - len(failing)} of {len(compat)} pass" + (f"; not: {', '.join(failing)}" if failing else "") + " |"
+        )
     mem = onnx.get("memory") or []
     ours = [m for m in mem if m[0].startswith("torchq") and not isinstance(m[4], str)]
     if ours:

@@ -3,7 +3,8 @@
 Sections (each also runnable alone with --only): imagenet (ImageNet-pretrained EfficientNet-Lite0 /
 Lite1 on natural-photo crops, issue 16), accuracy (issue 6), seed (the reference
 product's families), onnx (issue 3: ONNX path vs onnxruntime), zoo (issue 2: latency), robustness
-(issue 18: the ten methods on real OCR models and a hard-swish net).
+(issue 18: the ten methods on real OCR models and a hard-swish net), compatibility (issue 16: torchvision,
+timm, detection heads and HF transformers through both exporters -> also docs/COMPATIBILITY.md).
 --quick runs tiny settings (the test suite uses it) and writes to out/bench-quick by default,
 never over docs/.
 """
@@ -24,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .common import DOCS, ROOT, Settings  # noqa: E402
 
-SECTIONS = ("imagenet", "accuracy", "seed", "onnx", "zoo", "robustness")
+SECTIONS = ("imagenet", "accuracy", "seed", "onnx", "zoo", "robustness", "compatibility")
 
 
 def _machine() -> str:
@@ -83,9 +84,11 @@ def _load_section(workdir: Path, name: str):
 
 def _rerender(name: str, result, text: str) -> str:
     """A cached section's markdown from its measurements, with the current rendering code."""
-    from . import accuracy, imagenet, onnx_path, robustness, seed, zoo_latency
+    from . import accuracy, compatibility, imagenet, onnx_path, robustness, seed, zoo_latency
 
     try:
+        if name == "compatibility":
+            return compatibility.section_text(result, "python -m bench.run --only compatibility")
         if name == "imagenet":
             return imagenet.render(result, "python -m bench.run --only imagenet")
         if name == "robustness":
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - started:7.1f} s] {msg}", flush=True)
 
-    from . import accuracy, imagenet, onnx_path, plots, report, robustness, seed, zoo_latency
+    from . import accuracy, compatibility, imagenet, onnx_path, plots, report, robustness, seed, zoo_latency
 
     results: dict = {}
     texts: dict[str, str] = {}
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             texts[name], results[name] = zoo_latency.run_section(settings, workdir, log)
         elif name == "robustness":
             texts[name], results[name] = robustness.run_section(settings, workdir, log)
+        elif name == "compatibility":
+            texts[name], results[name] = compatibility.run_section(settings, workdir, log)
         section_time[name] = time.perf_counter() - t0
         log(f"section {name} done in {section_time[name]:.0f} s")
         _save_section(workdir, name, texts[name], results[name], section_time[name])

@@ -13,7 +13,9 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
    performs the clamp exactly.
 4. Concat / Max / Min share one scale across inputs and output: an input whose producer has
    its own scale and no other consumer takes the output's parameters; any other input is
-   requantized on that edge.
+   requantized on that edge. An input whose own range spans fewer than SHARED_SCALE_MIN_STEPS
+   steps of the shared scale (a detection head's sigmoid scores concatenated with box
+   coordinates) keeps the spec and is reported in `crushed_inputs`, never silently.
 5. Weights are int8 symmetric per output channel (spec.weight_axis), widened where needed so
    the int32 bias (scale = input scale x weight scale) cannot overflow. A MatMul whose output
    only feeds an Add of a constant vector (a Linear layer) treats that vector as its int32 bias.
@@ -46,7 +48,38 @@ from .qmath import QuantParams
 Supports = Callable[[ir.Node], tuple[bool, str]]
 OUTPUT_LAYER_REASON = "a Linear layer writing a model output: computed in float on the host, so the output is not rounded to an int8 grid"
 FLOAT_TYPES = {ir.DataType.FLOAT}
+# Fewer integer levels than this for an input's own range under a shared Concat / Max / Min
+# scale: its signal is crushed (4 bits), which the report says.
+SHARED_SCALE_MIN_STEPS = 16
 INTEGER_ARITHMETIC = "integer arithmetic: its outputs only reach integer casts and shape inputs, so it stays exact in float"
+
+
+SHAPE_DERIVED = (
+    "computed from tensor shapes and constants only (the exporter's arithmetic on sizes, e.g. attention's 1 / sqrt(head size)): "
+    "no data flows into it to calibrate, so it stays float"
+)
+
+
+def _from_shapes_only(v: ir.Value) -> bool:
+    """True when no data reaches `v` except through Shape / Size: its value depends on shapes alone."""
+    seen: set[int] = set()
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen or x.const_value is not None or x.is_initializer():
+            continue
+        seen.add(id(x))
+        producer = x.producer()
+        if producer is None:
+            return False  # a graph input: data
+        if producer.op_type in ("Shape", "Size"):
+            continue
+        stack.extend(producer.inputs)
+    return True
+
+
+def _no_statistics(v: ir.Value) -> str:
+    return SHAPE_DERIVED if _from_shapes_only(v) else "no calibration statistics for this tensor"
 
 
 def supports_everything(node: ir.Node) -> tuple[bool, str]:
@@ -72,6 +105,8 @@ class QuantPlan:
     float_tensors: dict[str, str] = field(default_factory=dict)  # tensor -> why it stays float
     float_nodes: dict[str, str] = field(default_factory=dict)  # node -> why it runs in float
     int8_nodes: list[str] = field(default_factory=list)
+    # tensor -> why: inputs a shared scale leaves fewer than SHARED_SCALE_MIN_STEPS levels of their own range
+    crushed_inputs: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
@@ -81,6 +116,7 @@ class QuantPlan:
             "absorbed_activations": len(self.absorbed),
             "requantized_edges": len(self.requantize),
             "float_tensors": len(self.float_tensors),
+            "crushed_inputs": len(self.crushed_inputs),
         }
 
 
@@ -347,13 +383,20 @@ class Planner:
                 if p is None:
                     p = self._own_params(out.name)
                 if p is None:
-                    self.plan.float_tensors[out.name] = "no calibration statistics for this tensor"
+                    self.plan.float_tensors[out.name] = _no_statistics(out)
                     continue
                 params[out.name] = p
             if self.runs_int8(node) and rule.all_inputs_share_scale:
                 self._share_scale(node)
 
     def _derived_params(self, node: ir.Node, rule: spec.OpRule, out: ir.Value) -> QuantParams | None:
+        if rule.output is spec.OutputScale.SAME_AS_INPUT and not rule.all_inputs_share_scale:
+            # On the host too: the output's values lie on the quantized input's grid (a subset,
+            # a rearrangement, or averages within its range), so requantizing them to a scale of
+            # their own only adds a rounding and breaks the same-scale rule (Swin's q/k/v Gathers).
+            source = self._activation_params_of(node.inputs[0])
+            if source is not None:
+                return source
         if not self.runs_int8(node):
             return None
         if rule.output is spec.OutputScale.FIXED:
@@ -361,9 +404,6 @@ class Planner:
             return QuantParams(np.float32(scale), np.int8(zero))
         if rule.output is spec.OutputScale.SAME_AS_INPUT and not rule.all_inputs_share_scale:
             x = node.inputs[0]
-            source = self._activation_params_of(x)
-            if source is not None:
-                return source
             arr = _const_array(x)
             if arr is not None and arr.size and np.all(np.isfinite(arr)):
                 return self._constant_params(arr)  # what _plan_constants gives the constant input
@@ -404,12 +444,28 @@ class Planner:
             if x is None or not is_float_activation(x):
                 continue
             current = self._activation_params_of(x)
+            self._check_levels(node, x, current, shared)
             if current is not None and current.same_as(shared):
                 continue
             if current is not None and self._can_take_params(x, shared):
                 self.plan.activations[x.name] = shared
             else:
                 self.plan.requantize.append((node.name, i, shared))
+
+    def _check_levels(self, node: ir.Node, x: ir.Value, current: QuantParams | None, shared: QuantParams) -> None:
+        """Report an input whose own range the shared scale resolves into too few levels."""
+        own = self.ranges.get(x.name) or (current.range() if current is not None else None)
+        if own is None:
+            return
+        width = float(own[1]) - float(own[0])
+        steps = width / float(shared.scale)
+        if width > 0 and steps < SHARED_SCALE_MIN_STEPS:  # a constant value (a zero class token) has nothing to resolve
+            lo, hi = shared.range()
+            self.plan.crushed_inputs[x.name] = (
+                f"{node.op_type} {node.name} shares one scale over its inputs and output ([{lo:.4g}, {hi:.4g}]): this input's own range "
+                f"[{float(own[0]):.4g}, {float(own[1]):.4g}] gets {steps:.1f} of its 255 steps; quantize the parts separately "
+                "(concatenate after the model, or keep this node on the host) to keep its precision"
+            )
 
     def _can_take_params(self, x: ir.Value, shared: QuantParams) -> bool:
         producer = x.producer()
@@ -582,7 +638,7 @@ class Planner:
                         continue
                     if producer is not None and producer.name in self.plan.absorbed:
                         continue
-                    self.plan.float_tensors[v.name] = "no calibration statistics for this tensor"
+                    self.plan.float_tensors[v.name] = _no_statistics(v)
 
     def run(self) -> QuantPlan:
         self._decide_nodes()

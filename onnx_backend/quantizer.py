@@ -37,7 +37,13 @@ class QuantizationReport:
             "absorbed_activations": sorted(self.plan.absorbed),
             "requantized_edges": [f"{n}[{i}]" for n, i, _ in self.plan.requantize],
             "mask_values": {t: {"low": lo, "high": hi, "quantized": t in self.plan.activations} for t, (lo, hi) in sorted(self.mask_values.items())},
+            "crushed_inputs": dict(sorted(self.plan.crushed_inputs.items())),
         }
+
+    @property
+    def warnings(self) -> list[str]:
+        """What kept the spec at a cost the user should know: inputs a shared scale crushes."""
+        return [f"{name}: {why}" for name, why in sorted(self.plan.crushed_inputs.items())]
 
     def describe(self) -> str:
         s = self.plan.summary()
@@ -46,6 +52,8 @@ class QuantizationReport:
             lines.append(f"  float tensor {name}: {why}")
         for name, why in sorted(self.float_nodes.items()):
             lines.append(f"  float node   {name}: {why}")
+        for warning in self.warnings:
+            lines.append(f"  crushed      {warning}")
         for name, (low, high) in sorted(self.mask_values.items()):
             where = "saturate to the ends of its int8 range" if name in self.plan.activations else "the tensor stays float"
             lines.append(f"  mask values  {name}: {low} low, {high} high (+-inf, finfo.min/max) left out of its range; {where}")

@@ -59,10 +59,7 @@ def _padding_matters(model, family: str) -> float:
 
 
 def _spec_violations(qmodel: onnx.ModelProto, family: str) -> list:
-    broken = validate(qmodel)
-    if family == "vit":  # the class-token Concat: the compat engineer's planner rule (issue 16)
-        broken = [v for v in broken if not (v.rule == "same_scale" and "Concat" in v.node)]
-    return broken
+    return validate(qmodel)  # the class-token Concat included (docs/COMPATIBILITY.md)
 
 
 def _no_qdq_in_integer_arithmetic(qmodel: onnx.ModelProto) -> None:

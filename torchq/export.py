@@ -387,6 +387,8 @@ def export_with_report(
             consume_input=True,  # ours: reused, not copied
         )
     del float_proto
+    for warning in backend_report.warnings:  # the spec kept at a cost: say so
+        warnings.warn(warning, stacklevel=2)
     for tensor, keys in c.bindings.items():
         if tensor in backend_report.float_tensors and any(k in c.mismatched for k in keys):
             backend_report.float_tensors[tensor] = f"calibration and export took different code paths at {keys[0]!r}; its statistics were not used"

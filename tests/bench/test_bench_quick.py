@@ -48,7 +48,7 @@ def report(tmp_path_factory) -> Path:
 
 def test_every_section_is_written(report):
     text = (report / "BENCHMARKS.md").read_text()
-    for heading in ("## 0. ImageNet-pretrained EfficientNet-Lite", "## 1. Accuracy", "## 2. The reference product", "## 3. ONNX in", "## 4. Latency of the test zoo", "## 5. No calibration method collapses", "## Why INT8 is slow"):
+    for heading in ("## 0. ImageNet-pretrained EfficientNet-Lite", "## 1. Accuracy", "## 2. The reference product", "## 3. ONNX in", "## 4. Latency of the test zoo", "## 5. No calibration method collapses", "## 6. Compatibility", "## Why INT8 is slow"):
         assert heading in text, heading
     assert "python -m bench.run --quick" in text
 
@@ -132,3 +132,16 @@ def test_onnx_path_reports_the_technique_flags(report):
     cells = next(_cells(line) for line in variants[2:] if _cells(line)[0] == "digits_cnn")
     assert all(re.fullmatch(r"-?\d+\.\d / \d+\.\d\d / \d+\.\d", c) for c in cells[2:]), cells
     assert "best fidelity with the technique flags" in (report / "BENCHMARKS.md").read_text()
+
+
+def test_compatibility_section_has_a_row_per_model(report):
+    from bench.compatibility import SMOKE
+
+    text = (report / "BENCHMARKS.md").read_text()
+    section = text.split("## 6. Compatibility", 1)[1].split("\n## ", 1)[0]
+    (t,) = _tables(section.split("### Per model", 1)[0])
+    rows = {_cells(line)[0]: _cells(line) for line in t[2:]}
+    assert set(rows) == set(SMOKE)
+    for cells in rows.values():  # SQNR for both exporters and the peer, a verdict
+        assert all(re.fullmatch(r"-?\d+\.\d", c) for c in cells[3:6]), cells
+        assert cells[-1] == "pass" or cells[-1].startswith(("dynamo", "torchscript", "fails")), cells

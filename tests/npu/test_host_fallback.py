@@ -104,3 +104,29 @@ def test_host_conv_whose_output_stays_float_keeps_float_weights():
     assert conv.input[1] not in producers  # a float initializer
     x = xs[0].numpy()
     np.testing.assert_array_equal(_session(qmodel).run(None, {"x": x})[0], _session(qmodel, ["WeightBiasQuantization"]).run(None, {"x": x})[0])
+
+
+class SelectHeads(torch.nn.Module):
+    """Swin / ViT attention's `q, k, v = qkv[0], qkv[1], qkv[2]`: Gathers (host on warboy) of one
+    int8 MatMul's output, each read by int8 ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.out = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        qkv = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 16).permute(2, 0, 1, 3)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        return self.out(q * 2.0 + k * v)
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_host_gathers_keep_their_input_scale(dynamo):
+    torch.manual_seed(0)
+    model = SelectHeads().eval()
+    xs = [torch.randn(2, 5, 16) for _ in range(4)]
+    qmodel = torchq.quantize(model, xs, (xs[0],), torchq.QuantConfig(target="warboy"), input_names=["x"], output_names=["y"], dynamo=dynamo)
+    gathers = [r for r in npu.check(qmodel, "warboy").rows if r.op_type == "Gather"]
+    assert len(gathers) == 3 and all(r.placement == "host" for r in gathers), gathers
+    assert_valid(qmodel)  # same-scale holds on the host Gathers: their outputs take the input's grid

@@ -141,4 +141,6 @@ def run(args) -> None:
         write_text_atomic(args.report, json.dumps(report.to_dict(), indent=1) + "\n")
     broken = validate(qmodel)
     print(report.describe().splitlines()[0])
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     print(f"spec check: {'all rules hold' if not broken else f'{len(broken)} broken rules'}; written to {out}")
