@@ -47,6 +47,9 @@ Supports = Callable[[ir.Node], tuple[bool, str]]
 OUTPUT_LAYER_REASON = "a Linear layer writing a model output: computed in float on the host, so the output is not rounded to an int8 grid"
 FLOAT_TYPES = {ir.DataType.FLOAT}
 INTEGER_ARITHMETIC = "integer arithmetic: its outputs only reach integer casts and shape inputs, so it stays exact in float"
+# A node a technique placed on the host (metadata key -> the reason, reported as the node's):
+# SmoothQuant's channel rescales before host readers (techniques/smoothquant.py)
+HOST_NODE_KEY = "torchq.host"
 
 
 def supports_everything(node: ir.Node) -> tuple[bool, str]:
@@ -220,6 +223,8 @@ class Planner:
                 ok, why = False, INTEGER_ARITHMETIC
             elif name in self.exclude_nodes:
                 ok, why = False, "excluded by configuration"
+            elif HOST_NODE_KEY in node.metadata_props:
+                ok, why = False, node.metadata_props[HOST_NODE_KEY]
             elif not any(is_float_activation(node.inputs[i]) for i in spec.activation_input_indices(node.op_type, len(node.inputs)) if node.inputs[i] is not None) and not any(is_float_activation(o) for o in node.outputs):
                 ok, why = False, "no float activations"
             else:
@@ -579,11 +584,15 @@ class Planner:
                         continue
                     self.plan.float_tensors[v.name] = "no calibration statistics for this tensor"
 
-    def run(self) -> QuantPlan:
+    def decide_placement(self) -> None:
+        """Which nodes run in int8 and which on the host (needs no ranges)."""
         self._decide_nodes()
         if self.float_output_layers:
             self._keep_output_layers_float()
         self._join_host_islands()
+
+    def run(self) -> QuantPlan:
+        self.decide_placement()
         self._plan_activations()
         self._plan_weights()
         self._report_unquantized()
@@ -592,3 +601,11 @@ class Planner:
 
 def plan_quantization(model: ir.Model, ranges: Mapping[str, tuple[float, float]], **kwargs) -> QuantPlan:
     return Planner(model, ranges, **kwargs).run()
+
+
+def host_nodes(model: ir.Model, **kwargs) -> set[str]:
+    """Names of the float-activation nodes that run on the host in float under the planner's rules
+    (kwargs as Planner's: supports=the target), decided before any ranges are known."""
+    planner = Planner(model, {}, **kwargs)
+    planner.decide_placement()
+    return set(planner.plan.float_nodes)
