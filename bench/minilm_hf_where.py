@@ -1,7 +1,8 @@
 """Where the HF all-MiniLM-L6-v2 (padded to 64 tokens, target warboy) loses its cosine to float,
 tensor by tensor: the default INT8 model with the Q/DQ of only one kind of tensor kept (the rest
 float), and with all but that kind kept; then the LayerNorm choice (on the host, as warboy runs
-it, or decomposed onto the NPU, whose residual-sum input would then be int8).
+it, or decomposed onto the NPU, whose residual-sum input would then be int8), and the FFN2
+outputs' ranges clipped (what a range method alone could do).
 
     python -m bench.minilm_hf_where    # writes docs/bench/minilm_hf_where.md
 
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["input_ids", "attention_mask"]
 OUTPUT = ["embedding"]
 AXES = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "embedding": {0: "batch"}}
+CLIPS = (5.0, 20.0, 60.0)  # the FFN2 outputs' ranges reach 24 to 189 (the [CLS] token's one huge channel)
 
 
 def _float_and_ranges(model, config):
@@ -128,6 +130,7 @@ def with_residual_sums_quantized(qmodel: onnx.ModelProto, feeds: list[dict]) -> 
 def main(argv=None) -> int:
     import torchq
     from onnx_backend import optimize_model, quantize
+    from onnx_backend.calibrator import Ranges
     from onnx_backend.model_io import write_text_atomic
     from onnx_backend.techniques import Options, run_pipeline
 
@@ -152,6 +155,9 @@ def main(argv=None) -> int:
     for role, tensors in roles(qmodel).items():
         kept = tensors & every
         rows.append([role, str(len(kept)), cosine(keep_only(qmodel, constants, kept)), cosine(keep_only(qmodel, constants, every - kept))])
+    groups = roles(qmodel)
+    both = (groups["FFN2 output (into the residual sum)"] | groups["LayerNorm outputs"]) & every
+    rows.append(["FFN2 outputs and LayerNorm outputs", str(len(both)), cosine(keep_only(qmodel, constants, both)), cosine(keep_only(qmodel, constants, every - both))])
     rows.append(["(everything)", str(len(every)), cosine(qmodel), "1"])
     where = table(["tensors", "count", "cosine mean / min, only these quantized", "cosine mean / min, all but these quantized"], rows)
     feeds = [{"input_ids": i.numpy(), "attention_mask": a.numpy()} for i, a in mh.calibration_loader()]
@@ -160,7 +166,12 @@ def main(argv=None) -> int:
         ["INT8 model", "LayerNorm on the host (warboy)", "LayerNorm decomposed (residual sums int8, upper bound)"],
         [[name, cosine(q), cosine(with_residual_sums_quantized(q, feeds))] for name, q in (("default (mse)", qmodel), ('smoothquant="auto"', smooth))],
     )
-    text = where + "\n\n" + layer_norm
+    clipped = []
+    for clip in CLIPS:
+        r = Ranges({t: (max(lo, -clip), min(hi, clip)) if t in groups["FFN2 output (into the residual sum)"] else (lo, hi) for t, (lo, hi) in ranges.items()}, mask_values=ranges.mask_values)
+        clipped.append([f"+-{clip:g}", cosine(quantize(float_model, r, target="warboy"))])
+    clipping = table(["FFN2 output range clipped to", "cosine mean / min"], clipped)
+    text = where + "\n\n" + layer_norm + "\n\n" + clipping
     print(text)
     if not args.no_write:
         write_text_atomic(
@@ -169,7 +180,8 @@ def main(argv=None) -> int:
             f"`PYTHONPATH=$PWD python -m bench.minilm_hf_where` ({platform.machine()}). The default INT8 model (mse, target warboy;\n"
             f"calibration on the {len(mh.CALIBRATION)} calibration sentences) with only one kind of tensor rounded, or all but it; cosine of\n"
             f"the embeddings to float on the {len(sentences)} evaluation sentences, padded to {mh.SEQ_LEN} tokens. Then LayerNorm: on the host,\n"
-            "or decomposed onto the NPU, bounded from above by quantizing only its input, the residual sum (per tensor, MSE range).\n\n" + text + "\n",
+            "or decomposed onto the NPU, bounded from above by quantizing only its input, the residual sum (per tensor, MSE range).\n"
+            "Last, what a range choice alone can do: the default model with the FFN2 outputs' ranges clipped.\n\n" + text + "\n",
         )
     return 0
 

@@ -27,6 +27,9 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
 9. A Conv / ConvTranspose / Gemm the target leaves on the host between quantized activations
    has its weights stored int8 per channel (and its bias int32), as an int8 node's: onnxruntime
    would otherwise quantize float weights there itself, per tensor.
+10. A node a technique placed on the host (metadata `torchq.host`, its value the reason: the
+   rescale SmoothQuant inserts before a host reader) runs there in float; `host_nodes` gives the
+   placement of rules 1, 7, 8 and the host islands before any range is known, for such techniques.
 
 Every float tensor next to an int8 node that stays float is listed with the reason.
 """
