@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NAMES = ["input_ids", "attention_mask"]
 OUTPUT = ["embedding"]
 AXES = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"}, "embedding": {0: "batch"}}
-CLIPS = (5.0, 20.0, 60.0)  # the FFN2 outputs' ranges reach 24 to 189 (the [CLS] token's one huge channel)
+CLIPS = (5.0, 20.0, 60.0)  # the FFN2 outputs' largest magnitudes are 32 to 195 (the [CLS] token's one huge channel)
 
 
 def _float_and_ranges(model, config):
