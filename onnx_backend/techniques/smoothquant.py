@@ -137,6 +137,13 @@ def _fake_quant_x(x: np.ndarray, method: str, symmetric: bool, **kw) -> np.ndarr
     return qmath.fake_quantize(x, p)
 
 
+def _quantized_as_configured(x: np.ndarray, options) -> np.ndarray:
+    """X fake-quantized per tensor with the pipeline's range method (auto: mse, its fallback)."""
+    kw = {"percentile": options.percentile, "sqnr_gamma": options.sqnr_gamma}
+    method = "mse" if options.method == "auto" else options.method
+    return _fake_quant_x(x.astype(np.float32), method, options.symmetric, **kw).astype(np.float64)
+
+
 def _fake_quant_w(w_kn: np.ndarray, per_channel: bool) -> np.ndarray:
     p = qmath.weight_params(w_kn, 1 if per_channel else None)
     return qmath.fake_quantize(w_kn, p)
@@ -144,10 +151,7 @@ def _fake_quant_w(w_kn: np.ndarray, per_channel: bool) -> np.ndarray:
 
 def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray | None, options) -> float:
     """sum over readers of |X'W' - XW|^2 / |XW|^2 with X' = X/s quantized, W' = diag(s) W quantized."""
-    kw = {"percentile": options.percentile, "sqnr_gamma": options.sqnr_gamma}
-    method = "mse" if options.method == "auto" else options.method
-    xs = x if s is None else x / s
-    xq = _fake_quant_x(xs.astype(np.float32), method, options.symmetric, **kw).astype(np.float64)
+    xq = _quantized_as_configured(x if s is None else x / s, options)
     err = 0.0
     for w in weights:
         ref = x @ w
@@ -159,10 +163,7 @@ def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray | None, 
 
 def tensor_error(x: np.ndarray, s: np.ndarray | None, options) -> float:
     """|s (X/s)_q - X|^2 / |X|^2: X quantized per tensor after dividing its channels by s."""
-    kw = {"percentile": options.percentile, "sqnr_gamma": options.sqnr_gamma}
-    method = "mse" if options.method == "auto" else options.method
-    xs = x if s is None else x / s
-    xq = _fake_quant_x(xs.astype(np.float32), method, options.symmetric, **kw).astype(np.float64)
+    xq = _quantized_as_configured(x if s is None else x / s, options)
     y = xq if s is None else xq * s
     return float(np.sum((y - x) ** 2) / max(np.sum(x**2), 1e-30))
 
