@@ -29,6 +29,9 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
 9. A Conv / ConvTranspose / Gemm the target leaves on the host between quantized activations
    has its weights stored int8 per channel (and its bias int32), as an int8 node's: onnxruntime
    would otherwise quantize float weights there itself, per tensor.
+10. A node a technique placed on the host (metadata `torchq.host`, its value the reason: the
+   rescale SmoothQuant inserts before a host reader) runs there in float; `host_nodes` gives the
+   placement of rules 1, 7, 8 and the host islands before any range is known, for such techniques.
 
 Every float tensor next to an int8 node that stays float is listed with the reason.
 """
@@ -52,6 +55,9 @@ FLOAT_TYPES = {ir.DataType.FLOAT}
 # scale: its signal is crushed (4 bits), which the report says.
 SHARED_SCALE_MIN_STEPS = 16
 INTEGER_ARITHMETIC = "integer arithmetic: its outputs only reach integer casts and shape inputs, so it stays exact in float"
+# A node a technique placed on the host (metadata key -> the reason, reported as the node's):
+# SmoothQuant's channel rescales before host readers (techniques/smoothquant.py)
+HOST_NODE_KEY = "torchq.host"
 
 
 SHAPE_DERIVED = (
@@ -261,6 +267,8 @@ class Planner:
                 ok, why = False, INTEGER_ARITHMETIC
             elif name in self.exclude_nodes:
                 ok, why = False, "excluded by configuration"
+            elif HOST_NODE_KEY in node.metadata_props:
+                ok, why = False, node.metadata_props[HOST_NODE_KEY]
             elif not any(is_float_activation(node.inputs[i]) for i in spec.activation_input_indices(node.op_type, len(node.inputs)) if node.inputs[i] is not None) and not any(is_float_activation(o) for o in node.outputs):
                 ok, why = False, "no float activations"
             else:
@@ -640,11 +648,15 @@ class Planner:
                         continue
                     self.plan.float_tensors[v.name] = _no_statistics(v)
 
-    def run(self) -> QuantPlan:
+    def decide_placement(self) -> None:
+        """Which nodes run in int8 and which on the host (needs no ranges)."""
         self._decide_nodes()
         if self.float_output_layers:
             self._keep_output_layers_float()
         self._join_host_islands()
+
+    def run(self) -> QuantPlan:
+        self.decide_placement()
         self._plan_activations()
         self._plan_weights()
         self._report_unquantized()
@@ -653,3 +665,11 @@ class Planner:
 
 def plan_quantization(model: ir.Model, ranges: Mapping[str, tuple[float, float]], **kwargs) -> QuantPlan:
     return Planner(model, ranges, **kwargs).run()
+
+
+def host_nodes(model: ir.Model, **kwargs) -> set[str]:
+    """Names of the float-activation nodes that run on the host in float under the planner's rules
+    (kwargs as Planner's: supports=the target), decided before any ranges are known."""
+    planner = Planner(model, {}, **kwargs)
+    planner.decide_placement()
+    return set(planner.plan.float_nodes)

@@ -131,3 +131,36 @@ def padded_batches(n: int, batch: int = 4, length: int = 12, d: int = 16, seed: 
             x[b, real:] *= 5.0
         out.append([x, mask])
     return out
+
+
+class PostNormFFN(nn.Module):
+    """A post-norm transformer's FFN sublayer, LN(h + fc2(gelu(fc1(h)))) with h = LN(x), with
+    BERT's massive activation planted the way BERT grows it: the first token carries a large
+    input feature, one fc1 unit fires only there, and fc2 writes it, 40x, into one output
+    channel, so the FFN output that the residual sum reads holds one huge value per sequence."""
+
+    def __init__(self, d: int = 16, ff: int = 64, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, ff), nn.Linear(ff, d)
+        with torch.no_grad():
+            self.fc1.weight[0].zero_()
+            self.fc1.weight[0, 0], self.fc1.bias[0] = 4.0, -8.0  # unit 0: only where h[..., 0] >> 2
+            self.fc2.weight[:, 0].zero_()
+            self.fc2.weight[3, 0] = 40.0 / 8.0
+
+    def forward(self, x):
+        h = self.ln1(x)
+        return self.ln2(h + self.fc2(F.gelu(self.fc1(h))))
+
+
+def first_token_marked(n: int, batch: int = 4, t: int = 8, d: int = 16, seed: int = 0) -> list[list[np.ndarray]]:
+    """Token batches whose first token has feature 0 at 8 sigma (a [CLS] token's signature)."""
+    g = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        x = g.standard_normal((batch, t, d)).astype(np.float32)
+        x[:, 0, 0] = 8.0 * np.sqrt(d)
+        out.append([x])
+    return out

