@@ -31,7 +31,7 @@ from . import masks, model_io
 from .errors import CalibrationError, ConfigError, InvalidModelError
 from .parallel import cpus
 from .range_selection import DEFAULT_PERCENTILE, Method, map_range_searches, select_range
-from .statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
+from .statistics import DEFAULT_BINS, ChannelSums, NonFiniteError, TensorStatistics, channel_sums_of
 
 RANGES_FORMAT = "torchq-ranges"
 MAX_STACK = 256  # samples stacked into one onnxruntime call, at most
@@ -85,13 +85,24 @@ class CalibrationMethod(IntEnum):
 
 class Ranges(dict):
     """{tensor name: (min, max)} plus how they were chosen, and {tensor: (low, high)}: the mask
-    values (statistics.MASK_MAGNITUDE) each tensor held, left out of its range (onnx_backend.masks)."""
+    values (statistics.MASK_MAGNITUDE) each tensor held, left out of its range (onnx_backend.masks),
+    and {tensor: ChannelSums}: the per-channel sums whose means the analytic bias correction of
+    the layers reading the tensor uses (onnx_backend.mean_correction)."""
 
-    def __init__(self, ranges: Mapping[str, tuple[float, float]] = (), *, method: str = "unknown", percentile: float | None = None, mask_values: Mapping[str, tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        ranges: Mapping[str, tuple[float, float]] = (),
+        *,
+        method: str = "unknown",
+        percentile: float | None = None,
+        mask_values: Mapping[str, tuple[int, int]] | None = None,
+        channel_sums: Mapping[str, ChannelSums] | None = None,
+    ):
         super().__init__({k: (float(v[0]), float(v[1])) for k, v in dict(ranges).items()})
         self.method = method
         self.percentile = percentile
         self.mask_values = {k: (int(v[0]), int(v[1])) for k, v in dict(mask_values or getattr(ranges, "mask_values", {})).items()}
+        self.channel_sums = dict(channel_sums if channel_sums is not None else getattr(ranges, "channel_sums", {}))
 
     def to_dict(self) -> dict:
         d = {
@@ -103,6 +114,8 @@ class Ranges(dict):
         }
         if self.mask_values:
             d["mask_values"] = {k: {"low": lo, "high": hi} for k, (lo, hi) in sorted(self.mask_values.items())}
+        if self.channel_sums:
+            d["channel_sums"] = {k: v.to_dict() for k, v in sorted(self.channel_sums.items())}
         return d
 
 
@@ -153,7 +166,7 @@ def load_ranges(path: str | os.PathLike) -> Ranges:
             shown = reprlib.repr(pair)  # bounded: a hostile file may nest millions of values here
             raise ConfigError(f"{path}: range of tensor {name!r} must be [min, max] of finite float32 numbers with min <= max, got {shown}")
         out[name] = (float(pair[0]), float(pair[1]))
-    return Ranges(out, method=str(data.get("method", "unknown")), percentile=data.get("percentile"), mask_values=_mask_values_of(path, data.get("mask_values", {})))
+    return Ranges(out, method=str(data.get("method", "unknown")), percentile=data.get("percentile"), mask_values=_mask_values_of(path, data.get("mask_values", {})), channel_sums=_channel_sums_of(path, data.get("channel_sums", {})))
 
 
 def _mask_values_of(path: Path, raw) -> dict[str, tuple[int, int]]:
@@ -166,6 +179,24 @@ def _mask_values_of(path: Path, raw) -> dict[str, tuple[int, int]]:
         if not (isinstance(v, dict) and all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) and v.get(k) >= 0 for k in ("low", "high"))):
             raise ConfigError(f"{path}: mask_values of tensor {name!r} must be {{low: n, high: n}} with counts >= 0, got {reprlib.repr(v)}")
         out[name] = (v["low"], v["high"])
+    return out
+
+
+def _channel_sums_of(path: Path, raw) -> dict[str, ChannelSums]:
+    """The optional `channel_sums` of a ranges file ({tensor: ChannelSums.to_dict()}; files
+    written before they existed have none)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'channel_sums' must be a mapping of tensor name to {{ndim, axes}}")
+    out = {}
+    for name, v in raw.items():
+        try:
+            sums = ChannelSums.from_dict(v)
+            valid = all(s.ndim == 1 and s.shape == sums.counts[a].shape and np.all(np.isfinite(s)) and np.all(sums.counts[a] >= 0) for a, s in sums.sums.items())
+        except (TypeError, ValueError, KeyError, AttributeError):
+            valid = False
+        if not valid:
+            raise ConfigError(f"{path}: channel_sums of tensor {name!r} must be {{ndim: n, axes: {{axis: {{sums: [...], counts: [...]}}}}}} with finite sums and counts >= 0, got {reprlib.repr(v)}")
+        out[name] = sums
     return out
 
 
@@ -470,6 +501,11 @@ class Calibrator:
                     raise CalibrationError(f"tensor {name!r} holds NaN on calibration {where}") from None
                 staged[target] = stats
 
+    def _channel_sums(self) -> dict[str, ChannelSums]:
+        """Per-channel sums of the observed tensors and Relu outputs: an alias (a Reshape or
+        Transpose of another tensor) shares its source's statistics but not its channels."""
+        return {name: sums for name, sums in channel_sums_of(self.statistics).items() if name not in self._aliases}
+
     def compute_range(self, verbose: bool = False) -> Ranges:
         if self.samples == 0:
             raise CalibrationError("no calibration data collected; call collect_data first")
@@ -483,4 +519,4 @@ class Calibrator:
         if verbose:
             for name, (lo, hi) in ranges.items():
                 print(f"{name}: [{lo:.6g}, {hi:.6g}]")
-        return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None, mask_values=masks.mask_counts(self.statistics))
+        return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None, mask_values=masks.mask_counts(self.statistics), channel_sums=self._channel_sums())

@@ -107,6 +107,7 @@ def quantize_with_report(
     consume_input: bool = False,
     weight_overrides: Mapping[str, np.ndarray] | None = None,
     float_output_layers: bool = True,
+    mean_correction: bool = True,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Quantize and also return the report of what stayed in float and why.
 
@@ -116,6 +117,9 @@ def quantize_with_report(
     round-to-nearest (AdaRound's learned rounding): same scales, each value floor or ceil of
     weight / scale; anything else is an error. `float_output_layers` (default) keeps a Linear
     layer that writes a model output in float on the host (see the planner, rule 8).
+    `mean_correction` (default) takes each layer's weight-rounding mean shift out of its bias,
+    where `ranges` carries the per-channel means of the layer's input (a calibrator.Ranges from
+    calibration does; onnx_backend/mean_correction.py).
     """
     if activation_dtype not in ACTIVATION_DTYPES:
         raise ConfigError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
@@ -129,6 +133,7 @@ def quantize_with_report(
         exclude_nodes=excluded,
         exclude_tensors=set(exclude_tensors),
         float_output_layers=float_output_layers,
+        mean_correction=mean_correction,
     )
     apply_plan(ir_model, plan, weight_overrides)
     proto = apply_pending(ir.serde.serialize_model(ir_model))

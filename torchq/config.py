@@ -47,6 +47,9 @@ class QuantConfig(BaseModel):
                 which onnxruntime needs on x86 to run every quantized op in integer kernels
     histogram_bins  resolution of the streaming histograms
     sqnr_gamma  weight of clipping noise in the sqnr method (1 would make it mse)
+    mean_correction  analytic bias correction (on by default): each layer's bias takes out the
+                shift of its output mean that rounding its weights causes, (W_q - W) E[x], from
+                the per-channel means of its input gathered during calibration (no extra pass)
 
     Accuracy techniques (docs/ACCURACY.md), all off by default:
     equalization     cross-layer equalization + high-bias absorption of Conv/Linear pairs
@@ -79,6 +82,7 @@ class QuantConfig(BaseModel):
     activation_dtype: Literal["int8", "uint8"] = "int8"
     histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
+    mean_correction: bool = True
     equalization: bool = False
     equalization_clip: Literal["keep", "relu"] = "keep"
     bias_correction: bool = False

@@ -108,6 +108,7 @@ class QuantizationSection(_Section):
     overrides: tuple[Override, ...] = ()
     histogram_bins: int = Field(default=DEFAULT_BINS, ge=256, le=1 << 16)
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
+    mean_correction: bool = True
     # accuracy techniques (docs/ACCURACY.md); the same fields and defaults as QuantConfig
     equalization: bool = False
     equalization_clip: Literal["keep", "relu"] = QuantConfig.model_fields["equalization_clip"].default

@@ -26,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--activation-dtype", choices=["int8", "uint8"], default="int8", help="int8 (the spec, the NPU; default) or uint8: the same grid with zero points + 128, which onnxruntime needs on x86 to fuse every quantized op")
     p.add_argument("--target", default="warboy", help="which ops run in int8: warboy, tflite, or all (default warboy)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="node names or op types kept in float (repeatable)")
+    p.add_argument("--no-mean-correction", action="store_true", help="leave out the analytic bias correction of weight rounding (on by default)")
     p.add_argument("--report", help="also write a JSON report of what stayed in float and why")
     t = p.add_argument_group("accuracy techniques (need --data; see docs/ACCURACY.md)")
     t.add_argument("--auto-method", action="store_true", help="per tensor, the method (of the ten) that best preserves its readers' outputs")
@@ -86,6 +87,7 @@ def run_techniques(args, chosen: dict, out) -> None:
         activation_dtype=args.activation_dtype,
         exclude=args.exclude,
         adaround_iterations=args.adaround_iterations,
+        mean_correction=not args.no_mean_correction,
         **chosen,
     )
     qmodel, report = quantize_onnx(model, samples, config)
@@ -112,7 +114,7 @@ def run(args) -> None:
         model, ranges, _ = calibrate_file(args)
     target = None if args.target == "all" else args.target
     qmodel, report = quantize_with_report(
-        model, ranges, per_channel=not args.per_tensor, target=target, exclude_nodes=args.exclude, activation_dtype=args.activation_dtype
+        model, ranges, per_channel=not args.per_tensor, target=target, exclude_nodes=args.exclude, activation_dtype=args.activation_dtype, mean_correction=not args.no_mean_correction
     )
     save_model(qmodel, out)
     if args.report:

@@ -23,6 +23,7 @@ def options_from_config(config: QuantConfig) -> Options:
         symmetric=config.symmetric,
         percentile=config.percentile,
         sqnr_gamma=config.sqnr_gamma,
+        mean_correction=config.mean_correction,
         per_channel=config.per_channel,
         target=config.target,
         activation_dtype=config.activation_dtype,
