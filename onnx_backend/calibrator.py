@@ -263,6 +263,11 @@ def value_sources(model: onnx.ModelProto, tensors: Sequence[str]) -> dict[str, t
     return sources
 
 
+def weighted_layer_inputs(model: onnx.ModelProto) -> set[str]:
+    """The activation inputs of the layers the analytic bias correction corrects."""
+    return {node.input[0] for node in model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul") and node.domain in ("", "ai.onnx") and node.input}
+
+
 def _progress(iterable, desc: str, quiet: bool | None):
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     total = len(iterable) if hasattr(iterable, "__len__") else None
@@ -314,6 +319,15 @@ class Calibrator:
         from one of them (`_relu_of`: source -> the tensor holding them), and which share another
         tensor's statistics (`_aliases`: tensor -> observed or Relu tensor)."""
         sources = value_sources(self.model, self.tensors)
+        # A weighted layer's input is observed itself, unless it is a Relu of its source (the same
+        # shape): its per-channel sums (the analytic bias correction's input means) are not those
+        # of a tensor it was reshaped from.
+        producer = {o: n for n in self.model.graph.node for o in n.output}
+        for tensor in weighted_layer_inputs(self.model) & set(sources):
+            source, _ = sources[tensor]
+            node = producer.get(tensor)
+            if not (node is not None and node.op_type == "Relu" and node.input[0] == source):
+                del sources[tensor]
         self._observed = [t for t in self.tensors if t not in sources]
         # Each observed tensor stands for itself and the tensors made from it, all of its size:
         # runs are sized by every activation they compute, exposed or not (see _runs).
