@@ -77,6 +77,8 @@ class QuantPlan:
     float_tensors: dict[str, str] = field(default_factory=dict)  # tensor -> why it stays float
     float_nodes: dict[str, str] = field(default_factory=dict)  # node -> why it runs in float
     int8_nodes: list[str] = field(default_factory=list)
+    # written by qdq.apply_plan: (bias node, input) -> the weight-rounding mean shift taken out of it
+    mean_shifts: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {

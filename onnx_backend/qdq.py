@@ -188,6 +188,8 @@ def apply_plan(model: ir.Model, plan: QuantPlan, weight_overrides: Mapping[str, 
         name = writer.nodes[c.node].inputs[c.input_index].name
         override = overrides.get(name) if c.kind == "weight" else None
         value = _corrected_bias(writer, c, weights) if c.correction is not None else None
+        if value is not None:
+            plan.mean_shifts[(c.node, c.input_index)] = writer.constant_value(c.node, c.input_index).astype(np.float64) - value
         real, q = writer.quantize_constant(c.node, c.input_index, c.params, override, value)
         if c.kind == "weight":
             weights[(c.node, c.input_index)] = (real, qmath.dequantize(q, c.params))
