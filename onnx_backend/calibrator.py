@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -499,7 +500,9 @@ class Calibrator:
                 if feeds is not None and future is None:
                     future = pool.submit(self._session.run, self._observed, feeds)
         for alias, source in self._aliases.items():
-            staged[alias] = staged[source]  # shared: updates replace statistics, never change them
+            # shared: updates replace statistics, never change them; an alias's channels are not
+            # its source's (a Reshape or Transpose moved them), so it keeps none
+            staged[alias] = dataclasses.replace(staged[source], channels=ChannelSums())
         # One statement, no call in it: an interrupt (Ctrl-C) leaves every tensor with these
         # samples or none with them, and `samples` counting exactly the samples folded in.
         self.statistics, self.samples = staged, self.samples + len(pending)
@@ -515,11 +518,6 @@ class Calibrator:
                     raise CalibrationError(f"tensor {name!r} holds NaN on calibration {where}") from None
                 staged[target] = stats
 
-    def _channel_sums(self) -> dict[str, ChannelSums]:
-        """Per-channel sums of the observed tensors and Relu outputs: an alias (a Reshape or
-        Transpose of another tensor) shares its source's statistics but not its channels."""
-        return {name: sums for name, sums in channel_sums_of(self.statistics).items() if name not in self._aliases}
-
     def compute_range(self, verbose: bool = False) -> Ranges:
         if self.samples == 0:
             raise CalibrationError("no calibration data collected; call collect_data first")
@@ -533,4 +531,4 @@ class Calibrator:
         if verbose:
             for name, (lo, hi) in ranges.items():
                 print(f"{name}: [{lo:.6g}, {hi:.6g}]")
-        return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None, mask_values=masks.mask_counts(self.statistics), channel_sums=self._channel_sums())
+        return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None, mask_values=masks.mask_counts(self.statistics), channel_sums=channel_sums_of(self.statistics))

@@ -178,7 +178,9 @@ class ChannelSums:
     Immutable: `added` and `merged` return new objects, so statistics that share one (see
     TensorStatistics.sharing_counts) never change each other. Mask values are not counted. An
     axis whose size changes between batches (a sequence axis) is dropped; if the rank itself
-    changes, so are all (`ndim` = -1). Sums are float64 across batches."""
+    changes, so are all (`ndim` = -1). Sums are float32 per item (along axis 0), float64 across
+    items: unlike the histogram, the order of the items and how they were batched or sharded
+    change them by float64 rounding (a relative 1e-16), not more."""
 
     ndim: int = 0  # 0: nothing seen yet
     sums: dict[int, np.ndarray] = field(default_factory=dict)  # axis -> float64 sums
@@ -206,11 +208,19 @@ class ChannelSums:
         batch = {}
         for axis in self.axes_for(x.shape):
             others = tuple(a for a in range(x.ndim) if a != axis)
-            # the last axis: rows of a contiguous matrix, summed in one pass
-            s = np.add.reduce(values.reshape(-1, x.shape[axis]), axis=0) if axis == x.ndim - 1 else values.sum(axis=others)
             n = np.full(x.shape[axis], x.size // max(x.shape[axis], 1), dtype=np.int64) if keep is None else keep.sum(axis=others).astype(np.int64)
-            batch[axis] = (s, n)
+            batch[axis] = (self._per_item_sums(values, axis).sum(axis=0, dtype=np.float64), n)
         return self.plus(x.ndim, batch)
+
+    @staticmethod
+    def _per_item_sums(values: np.ndarray, axis: int) -> np.ndarray:
+        """[items along axis 0, channels] sums in float32, one contiguous pass: each item's sums
+        do not depend on the batch it came in, so stacking samples (the Calibrator does) changes
+        the totals only by float64 rounding."""
+        items, c = values.shape[0], values.shape[axis]
+        if axis == values.ndim - 1:
+            return values.reshape(items, -1, c).sum(axis=1)
+        return values.reshape(items, c, -1).sum(axis=2)  # axis 1
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """A batch of this shape can be added (same rank as before, or the first batch)."""
