@@ -179,6 +179,7 @@ def quantize(
     opset: int | None = None,
     optimize: bool = True,
     activation_dtype: str = "int8",
+    mean_correction: bool = True,
 ) -> onnx.ModelProto:
     """Quantize a float ONNX model with the given tensor ranges into a TFLite-spec QDQ model.
 
@@ -187,7 +188,9 @@ def quantize(
     `quantize_with_report` for the list and the reasons). `target` ('warboy', 'tflite' or None for
     every op) decides which ops run in int8. `exclude_nodes` are node names or op types (globs)
     kept in float. `activation_dtype` "uint8" stores activations as uint8 (the same grid, zero
-    points + 128) for fast onnxruntime execution on x86. The input model is not modified.
+    points + 128) for fast onnxruntime execution on x86. `mean_correction` takes each layer's
+    weight-rounding mean shift out of its bias where `ranges` carries its input's channel means
+    (a calibrator.Ranges does). The input model is not modified.
     """
     return quantize_with_report(
         model,
@@ -198,4 +201,5 @@ def quantize(
         opset=opset,
         optimize=optimize,
         activation_dtype=activation_dtype,
+        mean_correction=mean_correction,
     )[0]
