@@ -191,9 +191,9 @@ def _channel_sums_of(path: Path, raw) -> dict[str, ChannelSums]:
     out = {}
     for name, v in raw.items():
         try:
-            sums = ChannelSums.from_dict(v)
-            valid = all(s.ndim == 1 and s.shape == sums.counts[a].shape and np.all(np.isfinite(s)) and np.all(sums.counts[a] >= 0) for a, s in sums.sums.items())
-        except (TypeError, ValueError, KeyError, AttributeError):
+            sums = ChannelSums.from_dict(v) if isinstance(v, dict) and isinstance(v.get("axes"), dict) else None
+            valid = sums is not None and all(s.ndim == 1 and s.shape == sums.counts[a].shape and np.all(np.isfinite(s)) and np.all(sums.counts[a] >= 0) for a, s in sums.sums.items())
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError):
             valid = False
         if not valid:
             raise ConfigError(f"{path}: channel_sums of tensor {name!r} must be {{ndim: n, axes: {{axis: {{sums: [...], counts: [...]}}}}}} with finite sums and counts >= 0, got {reprlib.repr(v)}")
