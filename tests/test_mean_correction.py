@@ -170,3 +170,19 @@ def test_the_correction_removes_the_mean_shift_on_the_pytorch_path_and_can_be_sw
         reference = torch.cat([net(x) for x in calibration]).numpy()
     error = {on: float(np.max(np.abs(outputs[on].mean(0) - reference.mean(0)))) for on in outputs}
     assert error[False] > 5 * error[True]
+
+
+def test_a_ranges_file_carries_the_means_so_quantizing_from_it_gives_the_same_model(tmp_path):
+    net, data = RoundsOneWay().eval(), _data()
+    calibration = [torch.from_numpy(d[0]) for d in data]
+    model = torchq.prepare(net, torchq.QuantConfig(target=None))
+    torchq.calibrate(model, calibration, quiet=True)
+    float_model, ranges = torchq.export_float(model, (calibration[0],), ranges_path=tmp_path / "r.json", dynamo=False, input_names=["x"])
+    torchq.unprepare(model)
+    assert ranges.channel_sums
+    from_file = load_ranges(tmp_path / "r.json")
+    assert from_file.channel_sums.keys() == ranges.channel_sums.keys()
+    in_memory, report = quantize_with_report(float_model, ranges, target=None)
+    assert any(c.correction is not None for c in report.plan.constants)
+    assert quantize_with_report(float_model, from_file, target=None)[0].SerializeToString() == in_memory.SerializeToString()
+    assert quantize_with_report(float_model, from_file, target=None, mean_correction=False)[0].SerializeToString() != in_memory.SerializeToString()
