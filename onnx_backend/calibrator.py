@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from . import masks, model_io, sessions
 from .errors import CalibrationError, ConfigError, InvalidModelError
 from .parallel import cpus
 from .range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA, Method, map_range_searches, select_range
-from .statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
+from .statistics import DEFAULT_BINS, ChannelSums, NonFiniteError, TensorStatistics, channel_sums_of
 
 RANGES_FORMAT = "torchq-ranges"
 MAX_STACK = 256  # samples stacked into one onnxruntime call, at most
@@ -85,13 +86,24 @@ class CalibrationMethod(IntEnum):
 
 class Ranges(dict):
     """{tensor name: (min, max)} plus how they were chosen, and {tensor: (low, high)}: the mask
-    values (statistics.MASK_MAGNITUDE) each tensor held, left out of its range (onnx_backend.masks)."""
+    values (statistics.MASK_MAGNITUDE) each tensor held, left out of its range (onnx_backend.masks),
+    and {tensor: ChannelSums}: the per-channel sums whose means the analytic bias correction of
+    the layers reading the tensor uses (onnx_backend.mean_correction)."""
 
-    def __init__(self, ranges: Mapping[str, tuple[float, float]] = (), *, method: str = "unknown", percentile: float | None = None, mask_values: Mapping[str, tuple[int, int]] | None = None):
+    def __init__(
+        self,
+        ranges: Mapping[str, tuple[float, float]] = (),
+        *,
+        method: str = "unknown",
+        percentile: float | None = None,
+        mask_values: Mapping[str, tuple[int, int]] | None = None,
+        channel_sums: Mapping[str, ChannelSums] | None = None,
+    ):
         super().__init__({k: (float(v[0]), float(v[1])) for k, v in dict(ranges).items()})
         self.method = method
         self.percentile = percentile
         self.mask_values = {k: (int(v[0]), int(v[1])) for k, v in dict(mask_values or getattr(ranges, "mask_values", {})).items()}
+        self.channel_sums = dict(channel_sums if channel_sums is not None else getattr(ranges, "channel_sums", {}))
 
     def to_dict(self) -> dict:
         d = {
@@ -103,6 +115,8 @@ class Ranges(dict):
         }
         if self.mask_values:
             d["mask_values"] = {k: {"low": lo, "high": hi} for k, (lo, hi) in sorted(self.mask_values.items())}
+        if self.channel_sums:
+            d["channel_sums"] = {k: v.to_dict() for k, v in sorted(self.channel_sums.items())}
         return d
 
 
@@ -153,7 +167,7 @@ def load_ranges(path: str | os.PathLike) -> Ranges:
             shown = reprlib.repr(pair)  # bounded: a hostile file may nest millions of values here
             raise ConfigError(f"{path}: range of tensor {name!r} must be [min, max] of finite float32 numbers with min <= max, got {shown}")
         out[name] = (float(pair[0]), float(pair[1]))
-    return Ranges(out, method=str(data.get("method", "unknown")), percentile=data.get("percentile"), mask_values=_mask_values_of(path, data.get("mask_values", {})))
+    return Ranges(out, method=str(data.get("method", "unknown")), percentile=data.get("percentile"), mask_values=_mask_values_of(path, data.get("mask_values", {})), channel_sums=_channel_sums_of(path, data.get("channel_sums", {})))
 
 
 def _mask_values_of(path: Path, raw) -> dict[str, tuple[int, int]]:
@@ -166,6 +180,24 @@ def _mask_values_of(path: Path, raw) -> dict[str, tuple[int, int]]:
         if not (isinstance(v, dict) and all(isinstance(v.get(k), int) and not isinstance(v.get(k), bool) and v.get(k) >= 0 for k in ("low", "high"))):
             raise ConfigError(f"{path}: mask_values of tensor {name!r} must be {{low: n, high: n}} with counts >= 0, got {reprlib.repr(v)}")
         out[name] = (v["low"], v["high"])
+    return out
+
+
+def _channel_sums_of(path: Path, raw) -> dict[str, ChannelSums]:
+    """The optional `channel_sums` of a ranges file ({tensor: ChannelSums.to_dict()}; files
+    written before they existed have none)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: 'channel_sums' must be a mapping of tensor name to {{ndim, axes}}")
+    out = {}
+    for name, v in raw.items():
+        try:
+            sums = ChannelSums.from_dict(v) if isinstance(v, dict) and isinstance(v.get("axes"), dict) else None
+            valid = sums is not None and all(s.ndim == 1 and s.shape == sums.counts[a].shape and np.all(np.isfinite(s)) and np.all(sums.counts[a] >= 0) for a, s in sums.sums.items())
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError):
+            valid = False
+        if not valid:
+            raise ConfigError(f"{path}: channel_sums of tensor {name!r} must be {{ndim: n, axes: {{axis: {{sums: [...], counts: [...]}}}}}} with finite sums and counts >= 0, got {reprlib.repr(v)}")
+        out[name] = sums
     return out
 
 
@@ -247,6 +279,9 @@ def sample_feeds(sample, input_names: Sequence[str], index: int) -> dict[str, np
     if missing:
         raise CalibrationError(f"calibration sample {index} lacks model input(s) {missing}")
     return feeds
+def weighted_layer_inputs(model: onnx.ModelProto) -> set[str]:
+    """The activation inputs of the layers the analytic bias correction corrects."""
+    return {node.input[0] for node in model.graph.node if node.op_type in ("Conv", "Gemm", "MatMul") and node.domain in ("", "ai.onnx") and node.input}
 
 
 def _progress(iterable, desc: str, quiet: bool | None):
@@ -304,6 +339,15 @@ class Calibrator:
         from one of them (`_relu_of`: source -> the tensor holding them), and which share another
         tensor's statistics (`_aliases`: tensor -> observed or Relu tensor)."""
         sources = value_sources(self.model, self.tensors)
+        # A weighted layer's input is observed itself, unless it is a Relu of its source (the same
+        # shape): its per-channel sums (the analytic bias correction's input means) are not those
+        # of a tensor it was reshaped from.
+        producer = {o: n for n in self.model.graph.node for o in n.output}
+        for tensor in weighted_layer_inputs(self.model) & set(sources):
+            source, _ = sources[tensor]
+            node = producer.get(tensor)
+            if not (node is not None and node.op_type == "Relu" and node.input[0] == source):
+                del sources[tensor]
         self._observed = [t for t in self.tensors if t not in sources]
         # Each observed tensor stands for itself and the tensors made from it, all of its size:
         # runs are sized by every activation they compute, exposed or not (see _runs).
@@ -462,7 +506,9 @@ class Calibrator:
                 if feeds is not None and future is None:
                     future = pool.submit(self._session.run, self._observed, feeds)
         for alias, source in self._aliases.items():
-            staged[alias] = staged[source]  # shared: updates replace statistics, never change them
+            # shared: updates replace statistics, never change them; an alias's channels are not
+            # its source's (a Reshape or Transpose moved them), so it keeps none
+            staged[alias] = dataclasses.replace(staged[source], channels=ChannelSums())
         # One statement, no call in it: an interrupt (Ctrl-C) leaves every tensor with these
         # samples or none with them, and `samples` counting exactly the samples folded in.
         self.statistics, self.samples = staged, self.samples + len(pending)
@@ -491,4 +537,4 @@ class Calibrator:
         if verbose:
             for name, (lo, hi) in ranges.items():
                 print(f"{name}: [{lo:.6g}, {hi:.6g}]")
-        return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None, mask_values=masks.mask_counts(self.statistics))
+        return Ranges(ranges, method=method.name.lower(), percentile=self.percentage if method.method is Method.PERCENTILE else None, mask_values=masks.mask_counts(self.statistics), channel_sums=channel_sums_of(self.statistics))

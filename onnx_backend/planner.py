@@ -19,6 +19,9 @@ it does not edit the graph (`qdq.apply_plan` does). Rules, in graph order:
 5. Weights are int8 symmetric per output channel (spec.weight_axis), widened where needed so
    the int32 bias (scale = input scale x weight scale) cannot overflow. A MatMul whose output
    only feeds an Add of a constant vector (a Linear layer) treats that vector as its int32 bias.
+   With `mean_correction` (default) and the per-channel means of the layer's input in the
+   ranges (calibrator.Ranges.channel_sums), the bias also takes out the mean shift that
+   rounding the weights causes (onnx_backend/mean_correction.py).
 6. Other constant float inputs at activation positions get per-tensor int8 from their values.
 7. A node whose float outputs only reach integer casts and shape inputs (directly or through
    other such nodes: T5's relative-position buckets, float arithmetic on shapes) stays in float,
@@ -44,8 +47,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from . import qmath, spec
+from . import mean_correction, qmath, spec
 from .errors import InvalidModelError
+from .mean_correction import MeanCorrection
 from .qmath import QuantParams
 
 Supports = Callable[[ir.Node], tuple[bool, str]]
@@ -100,6 +104,7 @@ class ConstantQuant:
     input_index: int
     params: QuantParams
     kind: str  # "weight" | "bias" | "constant"
+    correction: MeanCorrection | None = None  # a bias: its layer's weight-rounding mean shift is taken out
 
 
 @dataclass
@@ -113,6 +118,8 @@ class QuantPlan:
     int8_nodes: list[str] = field(default_factory=list)
     # tensor -> why: inputs a shared scale leaves fewer than SHARED_SCALE_MIN_STEPS levels of their own range
     crushed_inputs: dict[str, str] = field(default_factory=dict)
+    # written by qdq.apply_plan: (bias node, input) -> the weight-rounding mean shift taken out of it
+    mean_shifts: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
@@ -203,9 +210,12 @@ class Planner:
         exclude_tensors: set[str] | frozenset[str] = frozenset(),
         symmetric_constants: bool = False,
         float_output_layers: bool = True,
+        mean_correction: bool = True,
     ):
         self.graph = model.graph
         self.ranges = inferred_ranges(model.graph, ranges)
+        self.channel_sums = dict(getattr(ranges, "channel_sums", {}))  # calibrator.Ranges carries them
+        self.mean_correction = mean_correction
         self.per_channel = per_channel
         self.supports = supports
         self.exclude_nodes = set(exclude_nodes) | self._producers_of(exclude_tensors)
@@ -580,7 +590,8 @@ class Planner:
             return
         self.plan.constants.append(ConstantQuant(node.name, rule.weight_input, wp, "weight"))
         if bias is not None:
-            self.plan.constants.append(ConstantQuant(bias_at[0].name, bias_at[1], bp, "bias"))
+            correction = mean_correction.correction_for(node.name, node.op_type, attrs, rule.weight_input, self.channel_sums.get(node.inputs[0].name)) if self.mean_correction else None
+            self.plan.constants.append(ConstantQuant(bias_at[0].name, bias_at[1], bp, "bias", correction))
             if bias_at[0] is not node:  # MatMul + Add: the MatMul output is the accumulator
                 self.plan.activations.pop(node.outputs[0].name, None)
                 self.biases_of_matmul[node.name] = bias_at

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from . import qmath
+from . import mean_correction, qmath
 from .errors import InvalidModelError
-from .planner import QuantPlan
+from .planner import ConstantQuant, QuantPlan
 from .qmath import QuantParams
 
 
@@ -33,7 +33,7 @@ class QDQWriter:
         self.names = {v.name for n in self.graph for v in (*n.inputs, *n.outputs) if v is not None}
         self.names |= {v.name for v in self.graph.inputs} | set(self.graph.initializers)
         self.new_nodes: list[ir.Node] = []
-        self._dq_cache: dict[tuple, ir.Value] = {}
+        self._dq_cache: dict[tuple, tuple[ir.Value, np.ndarray, np.ndarray]] = {}  # -> (DequantizeLinear output, real, integer values)
 
     def unique(self, base: str) -> str:
         name, i = base, 1
@@ -105,13 +105,15 @@ class QDQWriter:
         _, dq = self.quantize_dequantize(src, params, f"{node_name}_input{index}_requant")
         node.replace_input_with(index, dq.outputs[0])
 
-    def quantize_constant(self, node_name: str, index: int, params: QuantParams, override: np.ndarray | None = None) -> None:
+    def quantize_constant(self, node_name: str, index: int, params: QuantParams, override: np.ndarray | None = None, value: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Replace the constant input with its integer values behind a DequantizeLinear (`value`:
+        real values to quantize instead of the constant's own). Returns (real, integer) values."""
         node = self.nodes[node_name]
         src = node.inputs[index]
-        key = (src.name, params.qtype, params.axis, params.scale.tobytes(), params.zero_point.tobytes())
-        dq_out = self._dq_cache.get(key)
-        if dq_out is None:
-            real = ir.convenience.get_const_tensor(src).numpy()
+        key = (src.name, params.qtype, params.axis, params.scale.tobytes(), params.zero_point.tobytes(), None if value is None else value.tobytes())
+        cached = self._dq_cache.get(key)
+        if cached is None:
+            real = ir.convenience.get_const_tensor(src).numpy() if value is None else value
             q = qmath.quantize(real, params) if override is None else checked_override(src.name, real, params, override)
             qvalue = self.initializer(q, f"{src.name}_quantized")
             scale, zero = self._params_inputs(params, src.name)
@@ -120,8 +122,12 @@ class QDQWriter:
             dq_out.name = self.unique(f"{src.name}_dequantized")
             dq_out.type, dq_out.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(q.shape)
             self.new_nodes.append(dq)
-            self._dq_cache[key] = dq_out
-        node.replace_input_with(index, dq_out)
+            cached = self._dq_cache[key] = (dq_out, real, q)
+        node.replace_input_with(index, cached[0])
+        return cached[1], cached[2]
+
+    def constant_value(self, node_name: str, index: int) -> np.ndarray:
+        return ir.convenience.get_const_tensor(self.nodes[node_name].inputs[index]).numpy()
 
     def finish(self) -> None:
         for node in self.new_nodes:
@@ -150,6 +156,16 @@ def checked_override(name: str, real: np.ndarray, params: QuantParams, q: np.nda
     return q.astype(params.qtype.np_dtype)
 
 
+def _corrected_bias(writer: QDQWriter, bias: ConstantQuant, weights: Mapping[tuple[str, int], tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
+    """The bias less the mean shift of its layer's weight as it was just rounded (AdaRound's
+    rounding included): onnx_backend.mean_correction."""
+    c = bias.correction
+    weight = weights.get((c.node, c.weight_index))
+    if weight is None:
+        return None
+    return mean_correction.corrected_bias(c, writer.constant_value(bias.node, bias.input_index), *weight)
+
+
 def apply_plan(model: ir.Model, plan: QuantPlan, weight_overrides: Mapping[str, np.ndarray] | None = None) -> ir.Model:
     """Edit `model` in place by `plan`; returns it.
 
@@ -167,9 +183,15 @@ def apply_plan(model: ir.Model, plan: QuantPlan, weight_overrides: Mapping[str, 
             writer.quantize_activation(values[name], params)
     for node_name, index, params in plan.requantize:
         writer.requantize_edge(node_name, index, params)
-    for c in plan.constants:
+    weights: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}  # (node, input) -> (real, rounded) weight
+    for c in plan.constants:  # a layer's weight comes before its bias
         name = writer.nodes[c.node].inputs[c.input_index].name
         override = overrides.get(name) if c.kind == "weight" else None
-        writer.quantize_constant(c.node, c.input_index, c.params, override)
+        value = _corrected_bias(writer, c, weights) if c.correction is not None else None
+        if value is not None:
+            plan.mean_shifts[(c.node, c.input_index)] = writer.constant_value(c.node, c.input_index).astype(np.float64) - value
+        real, q = writer.quantize_constant(c.node, c.input_index, c.params, override, value)
+        if c.kind == "weight":
+            weights[(c.node, c.input_index)] = (real, qmath.dequantize(q, c.params))
     writer.finish()
     return model

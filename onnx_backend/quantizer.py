@@ -105,6 +105,7 @@ def quantize_with_report(
     consume_input: bool = False,
     weight_overrides: Mapping[str, np.ndarray] | None = None,
     float_output_layers: bool = True,
+    mean_correction: bool = True,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Quantize and also return the report of what stayed in float and why.
 
@@ -114,6 +115,9 @@ def quantize_with_report(
     round-to-nearest (AdaRound's learned rounding): same scales, each value floor or ceil of
     weight / scale; anything else is an error. `float_output_layers` (default) keeps a Linear
     layer that writes a model output in float on the host (see the planner, rule 8).
+    `mean_correction` (default) takes each layer's weight-rounding mean shift out of its bias,
+    where `ranges` carries the per-channel means of the layer's input (a calibrator.Ranges from
+    calibration does; onnx_backend/mean_correction.py).
     """
     if activation_dtype not in ACTIVATION_DTYPES:
         raise ConfigError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
@@ -127,6 +131,7 @@ def quantize_with_report(
         exclude_nodes=excluded,
         exclude_tensors=set(exclude_tensors),
         float_output_layers=float_output_layers,
+        mean_correction=mean_correction,
     )
     apply_plan(ir_model, plan, weight_overrides)
     proto = apply_pending(ir.serde.serialize_model(ir_model))
@@ -172,6 +177,7 @@ def quantize(
     opset: int | None = None,
     optimize: bool = True,
     activation_dtype: str = "int8",
+    mean_correction: bool = True,
 ) -> onnx.ModelProto:
     """Quantize a float ONNX model with the given tensor ranges into a TFLite-spec QDQ model.
 
@@ -180,7 +186,9 @@ def quantize(
     `quantize_with_report` for the list and the reasons). `target` ('warboy', 'tflite' or None for
     every op) decides which ops run in int8. `exclude_nodes` are node names or op types (globs)
     kept in float. `activation_dtype` "uint8" stores activations as uint8 (the same grid, zero
-    points + 128) for fast onnxruntime execution on x86. The input model is not modified.
+    points + 128) for fast onnxruntime execution on x86. `mean_correction` takes each layer's
+    weight-rounding mean shift out of its bias where `ranges` carries its input's channel means
+    (a calibrator.Ranges does). The input model is not modified.
     """
     return quantize_with_report(
         model,
@@ -191,4 +199,5 @@ def quantize(
         opset=opset,
         optimize=optimize,
         activation_dtype=activation_dtype,
+        mean_correction=mean_correction,
     )[0]

@@ -16,7 +16,11 @@ counted (`mask_low`, `mask_high`) and left out of min, max, count and histogram:
 padding, not a distribution, and a range that held them would give every other value the same
 code. NaN is an error. docs/METHODS.md says why this boundary and what INT8 does with them.
 
-Memory is O(max_bins), whatever the number of samples.
+Alongside the histogram, per-channel sums (`ChannelSums`, along axis 1 and along the last axis)
+give each channel's mean: what the analytic bias correction (onnx_backend/mean_correction.py)
+needs of a weighted layer's input. They merge exactly as well (sums and counts add).
+
+Memory is O(max_bins + channels), whatever the number of samples.
 """
 
 from __future__ import annotations
@@ -161,6 +165,106 @@ def split_mask_values(x: np.ndarray) -> tuple[np.ndarray, int, int]:
     return (x[~(low | high)] if n_low or n_high else x), n_low, n_high
 
 
+def channel_axes(ndim: int) -> tuple[int, ...]:
+    """The axes whose per-channel sums are kept: axis 1 (Conv's NCHW channels, Gemm's features)
+    and the last axis (a MatMul's input features), for tensors of rank 2 and more."""
+    return () if ndim < 2 else tuple(sorted({1, ndim - 1}))
+
+
+@dataclass(frozen=True)
+class ChannelSums:
+    """Per-channel sums and value counts of a tensor along `channel_axes(ndim)`.
+
+    Immutable: `added` and `merged` return new objects, so statistics that share one (see
+    TensorStatistics.sharing_counts) never change each other. Mask values are not counted. An
+    axis whose size changes between batches (a sequence axis) is dropped; if the rank itself
+    changes, so are all (`ndim` = -1). Sums are float32 per item (along axis 0), float64 across
+    items: unlike the histogram, the order of the items and how they were batched or sharded
+    change them by float64 rounding (a relative 1e-16), not more."""
+
+    ndim: int = 0  # 0: nothing seen yet
+    sums: dict[int, np.ndarray] = field(default_factory=dict)  # axis -> float64 sums
+    counts: dict[int, np.ndarray] = field(default_factory=dict)  # axis -> int64 value counts
+
+    def mean(self, axis: int) -> np.ndarray | None:
+        """Per-channel mean along `axis` (negative counts from the end), or None where not kept
+        or a channel saw no value."""
+        if self.ndim <= 0:
+            return None
+        axis = axis + self.ndim if axis < 0 else axis
+        if axis not in self.sums or not np.all(self.counts[axis] > 0):
+            return None
+        return self.sums[axis] / self.counts[axis]
+
+    def added(self, x: np.ndarray, *, relu: bool = False, masked: bool = False) -> ChannelSums:
+        """These sums plus those of batch x (of max(x, 0) with `relu`; `masked`: x may hold
+        mask values, which are left out)."""
+        if not self.fits(x.shape):
+            return ChannelSums(-1)
+        keep = np.abs(x) < MASK_MAGNITUDE if masked else None  # inf fails too
+        values = np.where(keep, x, 0) if keep is not None else x
+        if relu:
+            values = np.maximum(values, 0)
+        batch = {}
+        for axis in self.axes_for(x.shape):
+            others = tuple(a for a in range(x.ndim) if a != axis)
+            n = np.full(x.shape[axis], x.size // max(x.shape[axis], 1), dtype=np.int64) if keep is None else keep.sum(axis=others).astype(np.int64)
+            batch[axis] = (self._per_item_sums(values, axis).sum(axis=0, dtype=np.float64), n)
+        return self.plus(x.ndim, batch)
+
+    @staticmethod
+    def _per_item_sums(values: np.ndarray, axis: int) -> np.ndarray:
+        """[items along axis 0, channels] sums in float32, one contiguous pass: each item's sums
+        do not depend on the batch it came in, so stacking samples (the Calibrator does) changes
+        the totals only by float64 rounding."""
+        items, c = values.shape[0], values.shape[axis]
+        if axis == values.ndim - 1:
+            return values.reshape(items, -1, c).sum(axis=1)
+        return values.reshape(items, c, -1).sum(axis=2)  # axis 1
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """A batch of this shape can be added (same rank as before, or the first batch)."""
+        return self.ndim != -1 and (self.ndim == 0 or len(shape) == self.ndim)
+
+    def axes_for(self, shape: tuple[int, ...]) -> list[int]:
+        """The axes of a batch of this shape to sum: those still kept, with unchanged sizes."""
+        return [a for a in channel_axes(len(shape)) if self.ndim == 0 or (a in self.sums and self.sums[a].size == shape[a])]
+
+    def plus(self, ndim: int, batch: dict[int, tuple[np.ndarray, np.ndarray]]) -> ChannelSums:
+        """These sums plus a batch's {axis: (sums, counts)} (from `axes_for`; others dropped)."""
+        if ndim != self.ndim and self.ndim != 0:
+            return ChannelSums(-1)
+        sums = {a: np.asarray(s, dtype=np.float64) + self.sums.get(a, 0.0) for a, (s, _) in batch.items()}
+        counts = {a: np.asarray(n, dtype=np.int64) + self.counts.get(a, 0) for a, (_, n) in batch.items()}
+        return ChannelSums(ndim, sums, counts)
+
+    def merged(self, other: ChannelSums) -> ChannelSums:
+        """Exact merge: sums and counts add, axes kept by both stay."""
+        if other.ndim == 0:
+            return self
+        if self.ndim == 0:
+            return other
+        if self.ndim != other.ndim or -1 in (self.ndim, other.ndim):
+            return ChannelSums(-1)
+        axes = [a for a in self.sums if a in other.sums and self.sums[a].size == other.sums[a].size]
+        return ChannelSums(self.ndim, {a: self.sums[a] + other.sums[a] for a in axes}, {a: self.counts[a] + other.counts[a] for a in axes})
+
+    def to_dict(self) -> dict:
+        return {"ndim": self.ndim, "axes": {str(a): {"sums": self.sums[a].tolist(), "counts": self.counts[a].tolist()} for a in sorted(self.sums)}}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> ChannelSums:
+        if not d:
+            return cls()
+        axes = d.get("axes", {})
+        return cls(int(d["ndim"]), {int(a): np.asarray(v["sums"], dtype=np.float64) for a, v in axes.items()}, {int(a): np.asarray(v["counts"], dtype=np.int64) for a, v in axes.items()})
+
+
+def channel_sums_of(stats) -> dict[str, ChannelSums]:
+    """{tensor: its per-channel sums} for the tensors of {tensor: TensorStatistics} that kept any."""
+    return {name: st.channels for name, st in stats.items() if st.channels.sums}
+
+
 @dataclass
 class TensorStatistics:
     """Min, max, element count and a zero-aligned power-of-two histogram of one tensor, and how
@@ -175,6 +279,7 @@ class TensorStatistics:
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     mask_low: int = 0  # -inf and values <= -MASK_MAGNITUDE, left out
     mask_high: int = 0  # +inf and values >= MASK_MAGNITUDE, left out
+    channels: ChannelSums = field(default_factory=ChannelSums)
 
     @property
     def empty(self) -> bool:
@@ -216,7 +321,12 @@ class TensorStatistics:
         x = np.asarray(x)
         if x.size == 0:
             return
-        x = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False).ravel()
+        shaped = x.astype(np.float64 if x.dtype == np.float64 else np.float32, copy=False)
+        masked_before = self.masked
+        self._update_histogram(shaped.ravel(), relu)
+        self.channels = self.channels.added(shaped, relu=relu, masked=self.masked > masked_before)
+
+    def _update_histogram(self, x: np.ndarray, relu: bool) -> None:
         if self._counted_in_current_bins(x, relu):
             return
         if relu:
@@ -286,6 +396,7 @@ class TensorStatistics:
         if self.max_bins != other.max_bins:
             raise ValueError(f"cannot merge histograms of {self.max_bins} and {other.max_bins} bins")
         self.add_counts(other.min, other.max, other.count, other.counts, other.offset, other.exponent, mask_low=other.mask_low, mask_high=other.mask_high)
+        self.channels = self.channels.merged(other.channels)
         return self
 
     def copy(self) -> TensorStatistics:
@@ -328,12 +439,14 @@ class TensorStatistics:
             "counts": self.counts[start:stop].tolist(),
             "mask_low": self.mask_low,
             "mask_high": self.mask_high,
+            "channels": self.channels.to_dict(),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> TensorStatistics:
-        """The inverse of to_dict; a dict written before mask values were counted has none."""
+        """The inverse of to_dict; a dict written before mask values (or channel sums) were
+        kept has none."""
         return cls(
             int(d["max_bins"]), float(d["min"]), float(d["max"]), int(d["count"]), int(d["exponent"]), int(d["offset"]), np.asarray(d["counts"], dtype=np.int64),
-            int(d.get("mask_low", 0)), int(d.get("mask_high", 0)),
+            int(d.get("mask_low", 0)), int(d.get("mask_high", 0)), ChannelSums.from_dict(d.get("channels")),
         )

@@ -50,6 +50,7 @@ class QuantizationSettings(BaseModel):
     sqnr_gamma: float = Field(default=DEFAULT_SQNR_GAMMA, gt=0)
     activation_dtype: Literal["int8", "uint8"] = "int8"
     optimize: bool = True
+    mean_correction: bool = True
     equalization: bool = False
     equalization_clip: Literal["keep", "relu"] = "keep"
     bias_correction: bool = False
@@ -89,6 +90,9 @@ class QuantConfig(QuantizationSettings):
     optimize    fold BatchNorm, fuse activations and fold constants (onnx_backend.optimize) before
                 the graph is calibrated and quantized; False: the graph as exported or given
     sqnr_gamma  weight of clipping noise in the sqnr method (1 would make it mse)
+    mean_correction  analytic bias correction (on by default): each layer's bias takes out the
+                shift of its output mean that rounding its weights causes, (W_q - W) E[x], from
+                the per-channel means of its input gathered during calibration (no extra pass)
 
     Accuracy techniques (docs/ACCURACY.md), all off by default:
     equalization     cross-layer equalization + high-bias absorption of Conv/Linear pairs

@@ -14,9 +14,10 @@ merge every rank holds, for every tensor, the min, max, count and histogram a si
 would have built from all the data, bit for bit; ranges chosen from them are identical.
 
 Collectives per call, whatever the number of tensors: one all_gather_object (the union of the
-observed keys), three all_reduce (MIN, MAX and SUM of the scalars: counts, mask values left out,
-batches) and one SUM all_reduce of all histograms packed into a single int64 tensor (at most
-`histogram_bins` int64 per tensor).
+observed keys and their channel layouts), three all_reduce (MIN, MAX and SUM of the scalars:
+counts, mask values left out, batches), one SUM all_reduce of all histograms packed into a single
+int64 tensor (at most `histogram_bins` int64 per tensor) and two of the per-channel sums (float64)
+and counts (int64) packed likewise. The channel sums add exactly up to float64 rounding.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from onnx_backend.errors import CalibrationError
-from onnx_backend.statistics import MIN_EXPONENT, TensorStatistics, coarsen, realign, required_exponent
+from onnx_backend.statistics import MIN_EXPONENT, ChannelSums, TensorStatistics, coarsen, realign, required_exponent
 
 from .observer import Observer
 from .prepare import session_of
@@ -75,13 +76,14 @@ def merge_statistics(model: torch.nn.Module, group=None) -> int:
     device = _device(group)
     # 1. the union of the observed keys (a rank may not have seen a key: data-dependent branches)
     local = {key: obs.ndim for key, obs in session.observers.items() if obs.observed}
-    gathered: list[dict] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
-    dist.all_gather_object(gathered, (local, session.max_bins), group=group)
-    bins = {b for _, b in gathered}
+    layouts = {key: _channel_layout(session.observers[key].channels) for key in local}
+    gathered: list[tuple] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
+    dist.all_gather_object(gathered, (local, session.max_bins, layouts), group=group)
+    bins = {b for _, b, _ in gathered}
     if len(bins) != 1:
         raise CalibrationError(f"ranks were prepared with different histogram_bins ({sorted(bins)}); use one QuantConfig on every rank")
     ndims: dict[str, int | None] = {}
-    for keys, _ in gathered:
+    for keys, _, _ in gathered:
         for k, nd in keys.items():
             ndims.setdefault(k, nd)
     keys = sorted(ndims)
@@ -122,10 +124,12 @@ def merge_statistics(model: torch.nn.Module, group=None) -> int:
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     total = total.cpu().numpy()
 
+    channels = _merged_channels(keys, stats, [g[2] for g in gathered], device, group)
+
     # 4. load the merged statistics into every rank's observers
     start = 0
     for i, (key, (e, first, n)) in enumerate(zip(keys, layout)):
-        merged = TensorStatistics(session.max_bins, lo[i], hi[i], counts[i], e, first, total[start : start + n].copy(), mask_low[i], mask_high[i])
+        merged = TensorStatistics(session.max_bins, lo[i], hi[i], counts[i], e, first, total[start : start + n].copy(), mask_low[i], mask_high[i], channels[i])
         start += n
         obs = session.observers.get(key)
         if obs is None:
@@ -176,6 +180,48 @@ def _destroy_if_initialized() -> None:
 def barrier(group=None) -> None:
     if is_distributed(group):
         dist.barrier(group=group)
+
+
+def _channel_layout(channels: ChannelSums) -> tuple[int, dict[int, int]]:
+    """(rank, {axis: channels}) of one observer's per-channel sums."""
+    return channels.ndim, {a: int(v.size) for a, v in channels.sums.items()}
+
+
+def _common_layout(layouts: list[tuple[int, dict[int, int]]]) -> tuple[int, dict[int, int]]:
+    """The layout every rank's sums fit: the axes all ranks that saw the tensor kept, with the
+    same sizes (what ChannelSums.merged keeps)."""
+    seen = [lay for lay in layouts if lay[0] != 0]
+    if not seen:
+        return 0, {}
+    if len({nd for nd, _ in seen}) != 1 or seen[0][0] == -1:
+        return -1, {}
+    axes = {a: n for a, n in seen[0][1].items() if all(lay[1].get(a) == n for lay in seen)}
+    return seen[0][0], axes
+
+
+def _merged_channels(keys: list[str], stats: list[TensorStatistics], gathered: list[dict], device, group) -> list[ChannelSums]:
+    """Every tensor's per-channel sums over all ranks: two SUM all_reduce of everything packed."""
+    common = [_common_layout([g.get(k, (0, {})) for g in gathered]) for k in keys]
+    size = sum(n for _, axes in common for n in axes.values())
+    sums, counts = np.zeros(size, dtype=np.float64), np.zeros(size, dtype=np.int64)
+    start = 0
+    for s, (_, axes) in zip(stats, common):
+        for a, n in sorted(axes.items()):
+            if a in s.channels.sums:  # a rank that never saw the tensor adds zeros
+                sums[start : start + n], counts[start : start + n] = s.channels.sums[a], s.channels.counts[a]
+            start += n
+    total_sums, total_counts = torch.from_numpy(sums).to(device), torch.from_numpy(counts).to(device)
+    dist.all_reduce(total_sums, op=dist.ReduceOp.SUM, group=group)
+    dist.all_reduce(total_counts, op=dist.ReduceOp.SUM, group=group)
+    total_sums, total_counts = total_sums.cpu().numpy(), total_counts.cpu().numpy()
+    out, start = [], 0
+    for ndim, axes in common:
+        merged_sums, merged_counts = {}, {}
+        for a, n in sorted(axes.items()):
+            merged_sums[a], merged_counts[a] = total_sums[start : start + n].copy(), total_counts[start : start + n].copy()
+            start += n
+        out.append(ChannelSums(ndim, merged_sums, merged_counts))
+    return out
 
 
 def export_on_rank_zero(model: torch.nn.Module, example_inputs, path=None, *, group=None, **options):

@@ -22,7 +22,7 @@ from onnx_backend.errors import CalibrationError, ConfigError, TorchqError
 from onnx_backend.model_io import save_model, write_text_atomic
 from onnx_backend.quantizer import QuantizationReport, quantize_with_report
 from onnx_backend.range_selection import map_range_searches, select_range
-from onnx_backend.statistics import TensorStatistics
+from onnx_backend.statistics import TensorStatistics, channel_sums_of
 
 from .capture import Phase
 from .config import QuantConfig
@@ -295,6 +295,13 @@ def choose_ranges(stats: Mapping[str, TensorStatistics], source: Mapping[str, st
     return dict(zip(tensors, map_range_searches(chosen, tensors, lambda t: (method[t], settings[t]["symmetric"])))), float_tensors
 
 
+def calibrated_ranges(ir_model: ir.Model, stats: Mapping[str, TensorStatistics], source: Mapping[str, str], config: QuantConfig) -> tuple[Ranges, set[str]]:
+    """choose_ranges, with attention masks kept masking, and the mask counts and per-channel
+    sums (for the analytic bias correction) of the statistics carried along."""
+    ranges, float_tensors = choose_ranges(stats, source, config)
+    return Ranges(masks.keep_masking(ir_model, stats, ranges), mask_values=masks.mask_counts(stats), channel_sums=channel_sums_of(stats)), float_tensors
+
+
 @dataclass
 class _Calibrated:
     """The float export with markers stripped, and everything bound to its tensors."""
@@ -319,8 +326,7 @@ def _export_and_bind(model, example_inputs, kwargs, dynamo, export_options) -> _
     ir_model = ir.serde.deserialize_model(proto)
     bindings = markers.strip_markers(ir_model)
     stats, source = statistics_by_tensor(bindings, session.observers, skip=session.mismatched)
-    ranges, float_tensors = choose_ranges(stats, source, config)
-    ranges = Ranges(masks.keep_masking(ir_model, stats, ranges), mask_values=masks.mask_counts(stats))
+    ranges, float_tensors = calibrated_ranges(ir_model, stats, source, config)
     return _Calibrated(ir_model, bindings, ranges, float_tensors, set(session.mismatched), stats)
 
 
@@ -342,7 +348,7 @@ def export_float(
     _, config = session_of(model)
     c = _export_and_bind(model, example_inputs, kwargs, dynamo, export_options)
     proto = ir.serde.serialize_model(c.model)
-    ranges = Ranges(c.ranges, method=f"{config.method}_{'sym' if config.symmetric else 'asym'}", percentile=config.percentile, mask_values=c.ranges.mask_values)
+    ranges = Ranges(c.ranges, method=f"{config.method}_{'sym' if config.symmetric else 'asym'}", percentile=config.percentile, mask_values=c.ranges.mask_values, channel_sums=c.ranges.channel_sums)
     if path is not None:
         save_model(proto, path)
     if ranges_path is not None:
@@ -384,6 +390,7 @@ def export_with_report(
             opset=config.opset,
             optimize=config.optimize,
             activation_dtype=config.activation_dtype,
+            mean_correction=config.mean_correction,
             consume_input=True,  # ours: reused, not copied
         )
     del float_proto

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from onnx_backend import statistics
-from onnx_backend.statistics import MASK_MAGNITUDE, NonFiniteError, TensorStatistics, bin_of, required_exponent
+from onnx_backend.statistics import MASK_MAGNITUDE, ChannelSums, NonFiniteError, TensorStatistics, bin_of, required_exponent
 
 
 class Observer:
@@ -31,6 +31,7 @@ class Observer:
         self.mask_low = 0  # mask values left out (onnx_backend.statistics.MASK_MAGNITUDE)
         self.mask_high = 0
         self.ndim: int | None = None  # rank of the observed tensor, to catch key mix-ups at export
+        self.channels = ChannelSums()  # per-channel sums (means for the analytic bias correction)
 
     @property
     def empty(self) -> bool:
@@ -52,10 +53,11 @@ class Observer:
         flat = x.reshape(-1)
         lo, hi = (float(v) for v in torch.stack(torch.aminmax(flat)).tolist())
         mask_low = mask_high = 0
+        channels = self._channels_added(x, masked=not (-MASK_MAGNITUDE < lo and hi < MASK_MAGNITUDE))
         if not (-MASK_MAGNITUDE < lo and hi < MASK_MAGNITUDE):  # NaN fails both comparisons
             flat, mask_low, mask_high = self._split_mask_values(flat, lo, hi)
             if flat.numel() == 0:
-                self.mask_low, self.mask_high, self.ndim = self.mask_low + mask_low, self.mask_high + mask_high, ndim
+                self.mask_low, self.mask_high, self.ndim, self.channels = self.mask_low + mask_low, self.mask_high + mask_high, ndim, channels
                 return
             lo, hi = (float(v) for v in torch.stack(torch.aminmax(flat)).tolist())
         new_lo, new_hi, n = min(lo, self.min), max(hi, self.max), flat.numel()
@@ -71,9 +73,23 @@ class Observer:
         batch = torch.bincount(index, minlength=last - first + 1)
         counts = batch if self.counts is None else batch + self._rebinned(e, first, last - first + 1, x.device)
         # One statement, no call in it: an interrupted update leaves the previous state intact.
-        self.counts, self.exponent, self.offset, self.min, self.max, self.count, self.mask_low, self.mask_high, self.ndim = (
-            counts, e, first, new_lo, new_hi, self.count + n, self.mask_low + mask_low, self.mask_high + mask_high, ndim
+        self.counts, self.exponent, self.offset, self.min, self.max, self.count, self.mask_low, self.mask_high, self.ndim, self.channels = (
+            counts, e, first, new_lo, new_hi, self.count + n, self.mask_low + mask_low, self.mask_high + mask_high, ndim, channels
         )
+
+    def _channels_added(self, x: torch.Tensor, masked: bool) -> ChannelSums:
+        """ChannelSums.added in torch ops on the tensor's device (one host copy of the sums)."""
+        if not self.channels.fits(tuple(x.shape)):
+            return ChannelSums(-1)
+        keep = x.abs() < MASK_MAGNITUDE if masked else None  # NaN fails too: update raises on it
+        values = torch.where(keep, x, 0) if keep is not None else x
+        batch = {}
+        for axis in self.channels.axes_for(tuple(x.shape)):
+            others = [a for a in range(x.dim()) if a != axis]
+            s = values.sum(dim=others, dtype=torch.float64)
+            n = keep.sum(dim=others) if keep is not None else torch.full((x.shape[axis],), x.numel() // max(x.shape[axis], 1), dtype=torch.int64)
+            batch[axis] = (s.cpu().numpy(), n.cpu().numpy())
+        return self.channels.plus(x.dim(), batch)
 
     def _split_mask_values(self, flat: torch.Tensor, lo: float, hi: float) -> tuple[torch.Tensor, int, int]:
         """statistics.split_mask_values in torch ops, on the tensor's device."""
@@ -93,8 +109,8 @@ class Observer:
             raise NonFiniteError(self.key) from None
         counts = torch.from_numpy(stats.counts)
         # One statement, no call in it: an interrupted update leaves the previous state intact.
-        self.counts, self.exponent, self.offset, self.min, self.max, self.count, self.mask_low, self.mask_high, self.ndim = (
-            counts, stats.exponent, stats.offset, stats.min, stats.max, stats.count, stats.mask_low, stats.mask_high, ndim
+        self.counts, self.exponent, self.offset, self.min, self.max, self.count, self.mask_low, self.mask_high, self.ndim, self.channels = (
+            counts, stats.exponent, stats.offset, stats.min, stats.max, stats.count, stats.mask_low, stats.mask_high, ndim, stats.channels
         )
 
     def _rebinned(self, e: int, first: int, length: int, device) -> torch.Tensor:
@@ -110,12 +126,13 @@ class Observer:
 
     def to_statistics(self) -> TensorStatistics:
         if self.counts is None:
-            return TensorStatistics(self.max_bins, mask_low=self.mask_low, mask_high=self.mask_high)
-        return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts.cpu().numpy().astype(np.int64), self.mask_low, self.mask_high)
+            return TensorStatistics(self.max_bins, mask_low=self.mask_low, mask_high=self.mask_high, channels=self.channels)
+        return TensorStatistics(self.max_bins, self.min, self.max, self.count, self.exponent, self.offset, self.counts.cpu().numpy().astype(np.int64), self.mask_low, self.mask_high, self.channels)
 
     def load_statistics(self, stats: TensorStatistics, device=None) -> None:
         """Replace this observer's state (used when merging across processes)."""
         self.min, self.max, self.count = stats.min, stats.max, stats.count
         self.exponent, self.offset = stats.exponent, stats.offset
         self.mask_low, self.mask_high = stats.mask_low, stats.mask_high
+        self.channels = stats.channels
         self.counts = torch.as_tensor(stats.counts, dtype=torch.int64, device=device) if not stats.empty else None

@@ -12,6 +12,11 @@ one pass over the calibration data per wave, each wave measured with all waves b
 corrected. `sweeps` > 1 repeats the whole thing (corrections accumulate) to mop up the small
 changes that re-rounding the corrected int32 biases causes.
 
+Every quantization also applies the analytic correction of weight rounding
+(onnx_backend/mean_correction.py, on by default), so this starts from it: the shifts measured are
+what is left after it, and a corrected bias is set so that the bias the quantized model uses
+moves by exactly the measured shift.
+
 A Conv / Gemm without a bias gets a zero bias first; a MatMul with no bias Add after it is left
 alone (there is nowhere to put the correction without adding an op) and reported.
 """
@@ -115,6 +120,7 @@ def correct_bias(model: ir.Model, feeds: Sequence[Feeds], quantize: Quantize, *,
         for wave in waves:
             qmodel, qreport = quantize(model)
             steps = {(c.node, c.input_index): c.params.scale.astype(np.float64) for c in qreport.plan.constants if c.kind == "bias"}
+            analytic = qreport.plan.mean_shifts  # taken out of the bias again at every quantization
             shifts = channel_shifts(qmodel, reference, wave, feeds)
             for layer in wave:
                 shift = shifts.get(layer.name)
@@ -125,8 +131,9 @@ def correct_bias(model: ir.Model, feeds: Sequence[Feeds], quantize: Quantize, *,
                 b = private_initializer(model.graph, node, idx)
                 old = const(b).astype(np.float64)
                 step = steps.get((node.name, idx))
+                c = analytic.get((node.name, idx), 0.0)
                 if step is not None:  # correct the bias the quantized model uses, so what is left is < half a step
-                    old = np.rint(old / step) * step
+                    old = np.rint((old - c) / step) * step + c
                 set_const(b, old - shift)
         report.iterations = sweep + 1
     final = channel_shifts(quantize(model)[0], reference, layers, feeds)

@@ -37,7 +37,7 @@ from ..calibrator import Calibrator, Ranges
 from ..errors import CalibrationError
 from ..masks import MASK_MIN, softmax_margin
 from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA, map_range_searches, select_range
-from ..statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics
+from ..statistics import DEFAULT_BINS, NonFiniteError, TensorStatistics, channel_sums_of
 from .graph import Feeds, tensors_on
 
 # MASK_MIN (onnx_backend.masks): a value this low (or a mask value) in an operand of Add/Sub/Where marks an additive mask
@@ -65,7 +65,7 @@ class Statistics:
         """{tensor: (lo, hi)}; `method_for(tensor)` gives (method, symmetric)."""
         observed = [name for name, st in self.stats.items() if not st.empty]
         chosen = map_range_searches(lambda name: self.range_of(name, *method_for(name), percentile=percentile, sqnr_gamma=sqnr_gamma), observed, method_for)
-        return Ranges(dict(zip(observed, chosen)), method="per-tensor", percentile=percentile, mask_values=masks.mask_counts(self.stats))
+        return Ranges(dict(zip(observed, chosen)), method="per-tensor", percentile=percentile, mask_values=masks.mask_counts(self.stats), channel_sums=channel_sums_of(self.stats))
 
     def range_of(self, name: str, method: str, symmetric: bool, **kw) -> tuple[float, float]:
         st = self.stats[name]

@@ -30,7 +30,7 @@ from .. import masks
 from ..calibrator import Ranges
 from ..quantizer import QuantizationReport, quantize_with_report
 from ..range_selection import DEFAULT_PERCENTILE, DEFAULT_SQNR_GAMMA
-from ..statistics import DEFAULT_BINS, TensorStatistics
+from ..statistics import DEFAULT_BINS, TensorStatistics, channel_sums_of
 from . import bias_correction, calibration, equalization
 from .graph import Feeds, as_feeds, prepare, to_proto
 
@@ -45,6 +45,7 @@ class Options:
     symmetric: bool = False
     percentile: float = DEFAULT_PERCENTILE
     sqnr_gamma: float = DEFAULT_SQNR_GAMMA
+    mean_correction: bool = True  # analytic bias correction of weight rounding (onnx_backend/mean_correction.py)
     per_channel: bool = True
     target: object = "warboy"
     activation_dtype: str = "int8"
@@ -108,6 +109,7 @@ class Prepared:
             optimize=False,
             activation_dtype=self.options.activation_dtype,
             weight_overrides=self.weight_overrides if weight_overrides is None else weight_overrides,
+            mean_correction=self.options.mean_correction,
         )
 
     def float_model(self) -> onnx.ModelProto:
@@ -154,7 +156,7 @@ def run_pipeline(
         from . import auto_method
 
         chosen = auto_method.choose(prepared, percentile=options.percentile, sqnr_gamma=options.sqnr_gamma, fixed=method_for)
-        prepared.ranges = Ranges(chosen.ranges, mask_values=masks.mask_counts(stats.stats))  # the mask values reach the report
+        prepared.ranges = Ranges(chosen.ranges, mask_values=masks.mask_counts(stats.stats), channel_sums=channel_sums_of(stats.stats))  # the mask values reach the report
         report.steps["method_auto"] = chosen.to_dict()
     else:
         prepared.ranges = stats.ranges(pick, percentile=options.percentile, sqnr_gamma=options.sqnr_gamma)

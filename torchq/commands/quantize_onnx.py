@@ -31,6 +31,7 @@ def register(sub) -> None:
     p.add_argument("--activation-dtype", choices=["int8", "uint8"], default=None, help="int8 (the spec, the NPU; default) or uint8: the same grid with zero points + 128, which onnxruntime needs on x86 to fuse every quantized op")
     p.add_argument("--target", default=None, help=f"which ops run in int8: warboy, tflite, or all (default {_DEFAULT.target or 'all'})")
     p.add_argument("--exclude", action="append", default=None, metavar="GLOB", help="node names or op types kept in float (repeatable; QuantConfig.exclude_nodes)")
+    p.add_argument("--no-mean-correction", action="store_true", default=None, help="leave out the analytic bias correction of weight rounding (on by default)")
     p.add_argument("--report", help="also write a JSON report of what stayed in float and why")
     p.add_argument(
         "--set",
@@ -75,6 +76,7 @@ def config_from_args(args) -> QuantConfig:
         "percentile": args.percentile,
         "sqnr_gamma": args.sqnr_gamma,
         "per_channel": False if args.per_tensor else None,
+        "mean_correction": False if args.no_mean_correction else None,
         "activation_dtype": args.activation_dtype,
         "exclude_nodes": args.exclude,
         "equalization": args.equalization,
@@ -134,7 +136,7 @@ def run(args) -> None:
         model, ranges, _ = calibrate_file(args, config)
     qmodel, report = quantize_with_report(
         model, ranges, per_channel=config.per_channel, target=config.target, exclude_nodes=config.exclude_nodes,
-        opset=config.opset, optimize=config.optimize, activation_dtype=config.activation_dtype,
+        opset=config.opset, optimize=config.optimize, activation_dtype=config.activation_dtype, mean_correction=config.mean_correction,
     )
     save_model(qmodel, out)
     if args.report:
