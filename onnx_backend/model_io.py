@@ -398,7 +398,12 @@ def upgrade_opset(proto: onnx.ModelProto, target: int = MIN_OPSET) -> onnx.Model
     try:
         return version_converter.convert_version(proto, target)
     except Exception as exc:
-        raise InvalidModelError(f"cannot upgrade the model from opset {current} to {target}: {exc}") from None
+        why = " ".join(str(exc).split())
+        try:  # the converter's own message hides the usual cause: the model itself is invalid
+            onnx.checker.check_model(proto)
+        except Exception as invalid:  # noqa: BLE001 -- onnx raises several types
+            why = "it is not valid ONNX (onnx.checker): " + next((ln.strip() for ln in str(invalid).splitlines() if ln.strip()), type(invalid).__name__)
+        raise InvalidModelError(f"cannot upgrade the model from opset {current} to {target}: {why}") from None
 
 
 def _destination(path: str | os.PathLike) -> Path:
