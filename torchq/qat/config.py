@@ -19,7 +19,8 @@ class QATConfig(BaseModel):
                          Tanh) and constants' grids are always frozen
     learn_weight_scales  per-channel weight scales trained with the LSQ gradient (False: frozen)
     steps                optimizer steps of `torchq.qat.distill` / the Lightning QAT mode
-    lr                   Adam learning rate of `distill` (weights and scales)
+    lr                   Adam learning rate of `distill` for the model's weights
+    scale_lr             ... for the (log) scales
     distillation         "mse" or "cosine" to the float model's outputs (no labels needed);
                          None: the Lightning module's own training_step
     eval_every           steps between checks on the held-back data (the best state is kept)
@@ -32,6 +33,7 @@ class QATConfig(BaseModel):
     learn_weight_scales: bool = True
     steps: int = Field(default=200, ge=0)
     lr: float = Field(default=1e-5, gt=0)
+    scale_lr: float = Field(default=1e-3, gt=0)
     distillation: Literal["mse", "cosine"] | None = "mse"
     eval_every: int = Field(default=25, ge=1)
     dynamo: bool = True

@@ -69,10 +69,12 @@ def distill(
     *,
     loss: str | None = None,
     lr: float | None = None,
+    scale_lr: float | None = None,
     heldout: Sequence | None = None,
     config: QATConfig | dict | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     time_budget_s: float | None = None,
+    eval_every: int | None = None,
 ) -> DistillReport:
     """Fine-tune the QAT-prepared `model` so its outputs follow `float_model`'s (a float copy
     taken before `torchq.prepare`) on the batches of `data`, cycled for `steps` steps.
@@ -106,8 +108,9 @@ def distill(
 
     was_training = model.training
     model.eval()  # dropout off; BatchNorm runs on its running statistics in QAT either way
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = optimizer or torch.optim.Adam(params, lr=lr)
+    scales = {id(p) for p in state.scale_parameters()}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in scales]
+    opt = optimizer or torch.optim.Adam([{"params": weights, "lr": lr}, {"params": state.scale_parameters(), "lr": scale_lr or cfg.scale_lr}])
     t0 = time.perf_counter()
     best = start = measure()
     best_step, history = 0, [(0, start)]
@@ -124,7 +127,7 @@ def distill(
             distance(model(*args, **kwargs), target, loss).backward()
             opt.step()
             step += 1
-            if step % cfg.eval_every == 0 or step == steps:
+            if step % (eval_every or cfg.eval_every) == 0 or step == steps:
                 d = measure()
                 history.append((step, d))
                 if d < best:

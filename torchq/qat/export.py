@@ -25,10 +25,9 @@ def export_with_report(model, example_inputs, path=None, *, kwargs=None, dynamo:
     nodes = {n.name: n for n in planned.graph.graph}
     scales = {}
     for key, w in planned.binding.weights.items():
-        i = state._weight_index.get(key)
-        if i is not None:
+        if key in state._weight_index:
             c = next(c for c in planned.plan.constants if c.node == w.node and c.kind == "weight")
-            scales[nodes[w.node].inputs[c.input_index].name] = state.weight_scale[i].detach().cpu().double().numpy()
+            scales[nodes[w.node].inputs[c.input_index].name] = state.weight_scale(key).detach().cpu().double().numpy()
     c = planned.calibrated
     qmodel, backend_report = quantize_with_report(
         planned.proto, planned.ranges, per_channel=config.per_channel, target=config.target, exclude_tensors=c.float_tensors, opset=config.opset,

@@ -29,12 +29,16 @@ class QATState(nn.Module):
         super().__init__()
         self.binding = binding
         self._model = [model]  # not a submodule: the model owns this module, not the reverse
-        self.activation_scale = nn.ParameterList(
-            [nn.Parameter(torch.tensor(a.scale, dtype=torch.float32), requires_grad=learn_ranges and a.learnable) for a in binding.activations]
+        # A grid no op applies (a tensor inside one PyTorch op) gets no gradient: not trained, so
+        # that DDP does not wait for one.
+        used = set(binding.activation_of_key.values()) | {a for edges in binding.requantize.values() for _, a in edges}
+        # log scales: an optimizer step moves a scale by a share of itself, whatever its size
+        self.activation_log_scale = nn.ParameterList(
+            [nn.Parameter(torch.tensor(a.scale, dtype=torch.float32).log(), requires_grad=learn_ranges and a.learnable and i in used) for i, a in enumerate(binding.activations)]
         )
         self.weight_keys = sorted(binding.weights)
-        self.weight_scale = nn.ParameterList(
-            [nn.Parameter(torch.as_tensor(binding.weights[k].scale, dtype=torch.float32).clone(), requires_grad=learn_weight_scales) for k in self.weight_keys]
+        self.weight_log_scale = nn.ParameterList(
+            [nn.Parameter(torch.as_tensor(binding.weights[k].scale, dtype=torch.float32).log(), requires_grad=learn_weight_scales) for k in self.weight_keys]
         )
         self._weight_index = {k: i for i, k in enumerate(self.weight_keys)}
         keys = set(binding.weights) | set(binding.constants) | set(binding.requantize)
@@ -49,10 +53,16 @@ class QATState(nn.Module):
 
     def activation_params(self, i: int) -> tuple[torch.Tensor, int]:
         a = self.binding.activations[i]
-        s = self.activation_scale[i].clamp(min=MIN_SCALE)
+        s = self.activation_log_scale[i].exp().clamp(min=MIN_SCALE)
         if a.hi_cap is not None:  # an absorbed Clip(0, c): the planner clamps the range to c
             s = s.clamp(max=a.hi_cap / (QMAX - a.zero_point))
         return s, a.zero_point
+
+    def weight_scale(self, key: str) -> torch.Tensor:
+        return self.weight_log_scale[self._weight_index[key]].exp().clamp(min=MIN_SCALE)
+
+    def scale_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
 
     def activation_range(self, i: int) -> tuple[float, float]:
         """The real interval of activation grid i, as the exported model's range."""
@@ -96,7 +106,7 @@ class QATState(nn.Module):
     def _quantize_weight(self, w, args, kwargs) -> None:
         weight = _get_arg(args, kwargs, w.position, "weight")
         bias = _get_arg(args, kwargs, 2, "bias") if w.has_bias else None
-        scale = self.weight_scale[self._weight_index[w.key]].clamp(min=MIN_SCALE)
+        scale = self.weight_scale(w.key)
         shape = channel_shape(weight.dim(), w.axis)
         if w.fold is not None:
             bn = self.model.get_submodule(w.fold)
