@@ -92,3 +92,95 @@ def minilm(budget_s: float, quick: bool, log=print) -> QatRow:
         report.steps, report.seconds, report.start, report.best, report.best_step,
         f"{len(train) * 8} fine-tuning sentences (batches of 8), {len(heldout) * 8} held back, {n_eval} evaluation sentences", {"history": report.history},
     )
+
+
+def lite0(budget_s: float, quick: bool, log=print) -> QatRow:
+    import torchq
+    from torchq.qat import distill
+
+    from . import efficientnet_lite as effnet
+    from . import photos
+    from .imagenet import Sizes, _ort_logits, _torch_logits, agreement
+
+    torch.manual_seed(0)
+    size = effnet.input_size("lite0")
+    sizes = Sizes(8, 16, 4) if quick else Sizes(64, 500, 8)
+    float_model = effnet.load("lite0").eval()
+    model = effnet.load("lite0").eval()
+    cal = photos.calibration_crops(sizes.calibration, size, effnet.PREPROCESS)
+    crops = photos.evaluation_crops(sizes.evaluation, size, effnet.PREPROCESS).numpy()
+    reference = _torch_logits(float_model, crops)
+    options = dict(input_names=["image"], output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+    torchq.prepare(model, torchq.QuantConfig())
+    torchq.calibrate(model, [(cal[i : i + sizes.batch],) for i in range(0, len(cal), sizes.batch)], quiet=True)
+    x = (cal[:1],)
+    ptq = agreement(reference, _ort_logits(torchq.export(model, x, **options), crops))
+    log(f"lite0 PTQ: top-1 agreement {ptq.top1:.1f} % ({ptq.samples} crops)")
+    torchq.prepare_qat(model, torchq.QATConfig(), example_inputs=x)
+    n_train = 16 if quick else 1024
+    train_crops = photos.calibration_crops(n_train, size, effnet.PREPROCESS, seed=11)
+    held = photos.calibration_crops(16 if quick else 64, size, effnet.PREPROCESS, seed=12)
+    train = [(train_crops[i : i + sizes.batch],) for i in range(0, n_train, sizes.batch)]
+    heldout = [(held[i : i + sizes.batch],) for i in range(0, len(held), sizes.batch)]
+    report = distill(model, float_model, train, 2 if quick else 10_000, heldout=heldout, time_budget_s=budget_s)
+    qat = agreement(reference, _ort_logits(torchq.export(model, x, **options), crops))
+    log(f"lite0 QAT: {report.steps} steps in {report.seconds:.0f} s, held-back {report.start:.4g} -> {report.best:.4g} (step {report.best_step}); top-1 agreement {qat.top1:.1f} %")
+    return QatRow(
+        "EfficientNet-Lite0 (ImageNet weights, warboy)", "top-1 agreement with float %", f"{ptq.top1:.1f}", f"{qat.top1:.1f}",
+        report.steps, report.seconds, report.start, report.best, report.best_step,
+        f"{sizes.calibration} calibration crops, {n_train} fine-tuning crops (batches of {sizes.batch}, calibration photos), {len(held)} held back, {ptq.samples} evaluation crops (other photos)",
+        {"history": report.history, "ptq_top5": ptq.top5, "qat_top5": qat.top5},
+    )
+
+
+MODELS = {"minilm": minilm, "lite0": lite0}
+
+
+def render(rows: list[QatRow], command: str) -> str:
+    from .common import table
+
+    body = table(
+        ["model", "metric", "PTQ (default)", "QAT", "fine-tuning steps", "seconds", "held-back distance start -> best (step)", "data"],
+        [[r.model, r.metric, r.ptq, r.qat, str(r.steps), f"{r.seconds:.0f}", f"{r.heldout_start:.4g} -> {r.heldout_best:.4g} ({r.best_step})", r.samples] for r in rows],
+    )
+    return (
+        "# Quantization-aware fine-tuning\n\n"
+        f"`{command}`. PTQ: the default QuantConfig (mse, per-channel, target warboy) through prepare -> calibrate -> export. "
+        "QAT: the same calibrated model through `torchq.prepare_qat` and `torchq.qat.distill` (MSE to the float outputs, "
+        "Adam, lr 1e-5 for weights, 1e-3 for log-scales, LSQ gradients), the best state on the held-back batches kept, "
+        "then `torchq.export`; both INT8 models run in onnxruntime. Fine-tuning time is wall time on this machine, "
+        "shared with other jobs while measured.\n\n" + body + "\n"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+    from pathlib import Path
+
+    from onnx_backend.model_io import write_text_atomic
+
+    from .common import DOCS
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="fine-tuning seconds per model")
+    ap.add_argument("--out", default=None, help="markdown file ('-': print only; default docs/bench/qat.md)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    cache = Path("out/bench/qat")
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in args.only:
+        row = MODELS[name](args.budget, args.quick)
+        (cache / f"{name}{'-quick' if args.quick else ''}.json").write_text(json.dumps(vars(row), indent=1))
+    rows = [QatRow(**json.loads((cache / f"{n}{'-quick' if args.quick else ''}.json").read_text())) for n in MODELS if (cache / f"{n}{'-quick' if args.quick else ''}.json").is_file()]
+    text = render(rows, "python -m bench.qat" + (" --quick" if args.quick else "") + f" --budget {args.budget:g}")
+    print(text)
+    out = args.out if args.out is not None else ("-" if args.quick else str(DOCS / "bench" / "qat.md"))
+    if out != "-":
+        write_text_atomic(Path(out), text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

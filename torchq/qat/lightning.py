@@ -29,7 +29,7 @@ def setup_qat(callback, trainer, pl_module, config: QATConfig) -> int:
     """Calibrate and prepare `pl_module` for QAT; returns the calibration batches (this rank)."""
     if is_qat(pl_module):
         return 0
-    loader = callback._calibration_loader(trainer, pl_module)
+    loader = _fit_loader(callback, trainer, pl_module)
     batches = iter(loader)
     try:
         first = next(batches)
@@ -46,3 +46,13 @@ def setup_qat(callback, trainer, pl_module, config: QATConfig) -> int:
     prepare_qat(pl_module, config, example_inputs=tuple(args), kwargs=kwargs or None)
     pl_module.train(was_training)
     return count
+
+
+def _fit_loader(callback, trainer, pl_module):
+    """The calibration dataloader in `setup`, before Lightning has loaded fit's dataloaders:
+    those given to `fit(...)` are only in the fit loop's data source yet."""
+    if callback.dataloader == "train" and trainer.train_dataloader is None:
+        source = getattr(trainer.fit_loop, "_data_source", None)  # Lightning 2.x
+        if source is not None and source.is_defined():
+            return callback._pick(source.dataloader())
+    return callback._calibration_loader(trainer, pl_module)
