@@ -178,3 +178,16 @@ def test_bad_calls_say_what_is_wrong():
     torchq.calibrate(model, ZOO["residual"].calibration(), quiet=True)
     with pytest.raises(ConfigError, match="techniques"):
         torchq.prepare_qat(model, example_inputs=ZOO["residual"].calibration()[0])
+
+
+def test_recipe_qat_section_fine_tunes_and_exports(tmp_path):
+    from torchq.recipe_run import run_recipe
+    from torchq.recipes import Recipe
+
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    recipe = Recipe.load(root / "recipes" / "digits.yaml", overrides=["qat.steps=4", "qat.eval_every=2", "calibration.kwargs.num_samples=192", f"export.path={tmp_path / 'd.int8.onnx'}", "export.float_path=null", f"model.kwargs.cache_dir={root / 'out' / 'digits'}"])
+    result = run_recipe(recipe, evaluate=False)
+    qat = result.export_report.techniques["qat"]
+    assert qat["distill"]["steps"] == 4 and qat["distill"]["best"] <= qat["distill"]["start"]
+    assert qat["unbound"] == {} and qat["weights"] >= 2
+    assert result.onnx_path.is_file() and not result.violations
