@@ -18,12 +18,10 @@ in onnxruntime; the metric is measured on evaluation data neither calibration no
 from __future__ import annotations
 
 import argparse
-import copy
 import random
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 DEFAULT_BUDGET_S = 540.0  # fine-tuning time per model, under the issue's 10 minutes
@@ -153,6 +151,13 @@ def render(rows: list[QatRow], command: str) -> str:
     )
 
 
+def run_section(settings, workdir, log) -> tuple[str, list[QatRow]]:
+    """The `qat` section of bench.run: both models (--quick: two steps each on tiny data)."""
+    torch.set_num_threads(1)
+    rows = [fn(DEFAULT_BUDGET_S, settings.quick, log) for fn in MODELS.values()]
+    return render(rows, "python -m bench.run" + (" --quick" if settings.quick else " --only qat")), rows
+
+
 def main(argv: list[str] | None = None) -> int:
     import json
     from pathlib import Path
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="fine-tuning seconds per model")
     ap.add_argument("--out", default=None, help="markdown file ('-': print only; default docs/bench/qat.md)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # the machine is shared: more threads than free cores only adds waiting
     cache = Path("out/bench/qat")
     cache.mkdir(parents=True, exist_ok=True)
     for name in args.only:

@@ -12,6 +12,7 @@ TITLES = {
     "onnx": "3. ONNX in, quantized ONNX out: torchq's backend vs onnxruntime's quantizer (issue 3)",
     "zoo": "4. Latency of the test zoo (issue 2)",
     "robustness": "5. No calibration method collapses: real OCR models and a hard-swish net (issue 18)",
+    "qat": "6. Quantization-aware fine-tuning: MiniLM and EfficientNet-Lite0 (issue 20)",
 }
 
 WHY_SLOW = """\
