@@ -115,8 +115,11 @@ def _mha_reference(query, key, value, embed_dim_to_check, num_heads, in_proj_wei
 
 def _silu_reference(input, inplace=False):
     """silu(x) = x * sigmoid(x), as the exporters write it: the Sigmoid's output is a tensor of
-    the exported graph (quantized on the spec's fixed grid), so it is seen as one here too."""
-    return input * torch.sigmoid(input)
+    the exported graph (quantized on the spec's fixed grid), so it is seen as one here too. The
+    product is silu's own result (recorded under the silu key, see RECORDED)."""
+    s = torch.sigmoid(input)
+    with torch._C.DisableTorchFunction():
+        return input * s
 
 
 # Composite functions replaced by plain-op equivalents run with the mode active, so the ops
@@ -126,6 +129,7 @@ TRANSPARENT: dict[Callable, Callable] = {
     F.multi_head_attention_forward: _mha_reference,
     F.silu: _silu_reference,
 }
+RECORDED = {F.silu}  # replacements whose result is the op's own tensor, recorded under its key
 
 
 class CaptureSession:
@@ -313,7 +317,7 @@ class _Mode(TorchFunctionMode):
             with self:  # re-enter: the ops inside are seen individually
                 out = replacement(*args, **kwargs)
             if out is not None:
-                return out
+                return self.session.on_result(func, out) if func in RECORDED else out
         args, kwargs = self.session.before_op(func, args, kwargs)
         out = func(*args, **kwargs)
         if _is_metadata(func):

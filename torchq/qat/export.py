@@ -18,8 +18,8 @@ def export_with_report(model, example_inputs, path=None, *, kwargs=None, dynamo:
     state = qat_state(model)
     _, config = session_of(model)
     planned = plan_and_probe(model, example_inputs, kwargs, dynamo, **export_options)
-    if planned.binding.summary() != state.binding.summary():
-        warnings.warn(f"the plan of this export differs from the one QAT was prepared on: {planned.binding.summary()} vs {state.binding.summary()}", stacklevel=3)
+    if _structure(planned.binding) != _structure(state.binding):
+        warnings.warn(f"the plan of this export quantizes other tensors than the one QAT was prepared on: {planned.binding.summary()} vs {state.binding.summary()}", stacklevel=3)
     # Activations reach the backend as their learned ranges (plan_and_probe), weights as the
     # planner's weight_scales, by the initializer each weighted node reads in this export's graph.
     nodes = {n.name: n for n in planned.graph.graph}
@@ -40,3 +40,8 @@ def export_with_report(model, example_inputs, path=None, *, kwargs=None, dynamo:
     if report_path is not None:
         write_text_atomic(report_path, json.dumps(report.to_dict(), indent=1) + "\n")
     return qmodel, report
+
+
+def _structure(binding) -> tuple:
+    """Which ops the plan touches (not how its parameter objects happen to be shared)."""
+    return set(binding.activation_of_key), set(binding.weights), {k: len(v) for k, v in binding.requantize.items()}
