@@ -60,7 +60,7 @@ def _sentence_batches(sentences: list[str], batch: int) -> list[tuple[torch.Tens
     return [(torch.from_numpy(ids[i : i + batch]), torch.from_numpy(mask[i : i + batch])) for i in range(0, len(ids), batch)]
 
 
-def minilm(budget_s: float, quick: bool, log=print) -> QatRow:
+def minilm(budget_s: float, quick: bool, log=print, lr: float | None = None, scale_lr: float | None = None) -> QatRow:
     import torchq
     from torchq.qat import distill
 
@@ -80,7 +80,7 @@ def minilm(budget_s: float, quick: bool, log=print) -> QatRow:
     torchq.prepare_qat(model, torchq.QATConfig(), example_inputs=x)
     train = _sentence_batches(list(CALIBRATION) + recombined_sentences(CALIBRATION, 32 if quick else 480, seed=1), 8)
     heldout = _sentence_batches(recombined_sentences(CALIBRATION, 16 if quick else 48, seed=2), 8)
-    report = distill(model, float_model, train, 2 if quick else 10_000, heldout=heldout, time_budget_s=budget_s, )
+    report = distill(model, float_model, train, 2 if quick else 10_000, heldout=heldout, time_budget_s=budget_s, lr=lr, scale_lr=scale_lr)
     qat = torchq.export(model, x, **options)
     qat_cos = minilm_hf.cosine_to_float(qat, float_model)
     log(f"minilm QAT: {report.steps} steps in {report.seconds:.0f} s, held-back {report.start:.4g} -> {report.best:.4g} (step {report.best_step}); cosine mean {qat_cos[0]:.4f} min {qat_cos[1]:.4f}")
@@ -92,7 +92,7 @@ def minilm(budget_s: float, quick: bool, log=print) -> QatRow:
     )
 
 
-def lite0(budget_s: float, quick: bool, log=print) -> QatRow:
+def lite0(budget_s: float, quick: bool, log=print, lr: float | None = None, scale_lr: float | None = None) -> QatRow:
     import torchq
     from torchq.qat import distill
 
@@ -120,7 +120,7 @@ def lite0(budget_s: float, quick: bool, log=print) -> QatRow:
     held = photos.calibration_crops(16 if quick else 64, size, effnet.PREPROCESS, seed=12)
     train = [(train_crops[i : i + sizes.batch],) for i in range(0, n_train, sizes.batch)]
     heldout = [(held[i : i + sizes.batch],) for i in range(0, len(held), sizes.batch)]
-    report = distill(model, float_model, train, 2 if quick else 10_000, heldout=heldout, time_budget_s=budget_s)
+    report = distill(model, float_model, train, 2 if quick else 10_000, heldout=heldout, time_budget_s=budget_s, lr=lr, scale_lr=scale_lr)
     qat = agreement(reference, _ort_logits(torchq.export(model, x, **options), crops))
     log(f"lite0 QAT: {report.steps} steps in {report.seconds:.0f} s, held-back {report.start:.4g} -> {report.best:.4g} (step {report.best_step}); top-1 agreement {qat.top1:.1f} %")
     return QatRow(
@@ -139,7 +139,7 @@ def render(rows: list[QatRow], command: str) -> str:
 
     body = table(
         ["model", "metric", "PTQ (default)", "QAT", "fine-tuning steps", "seconds", "held-back distance start -> best (step)", "data"],
-        [[r.model, r.metric, r.ptq, r.qat, str(r.steps), f"{r.seconds:.0f}", f"{r.heldout_start:.4g} -> {r.heldout_best:.4g} ({r.best_step})", r.samples] for r in rows],
+        [[r.model, r.metric, r.ptq, r.qat + (f" (lr {r.extra['lr']:g}, scale_lr {r.extra['scale_lr']:g})" if r.extra.get("lr") else ""), str(r.steps), f"{r.seconds:.0f}", f"{r.heldout_start:.4g} -> {r.heldout_best:.4g} ({r.best_step})", r.samples] for r in rows],
     )
     return (
         "# Quantization-aware fine-tuning\n\n"
@@ -170,16 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="fine-tuning seconds per model")
+    ap.add_argument("--lr", type=float, default=None, help="weights' learning rate (default QATConfig's)")
+    ap.add_argument("--scale-lr", type=float, default=None, help="log-scales' learning rate (default QATConfig's)")
     ap.add_argument("--out", default=None, help="markdown file ('-': print only; default docs/bench/qat.md)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the machine is shared: more threads than free cores only adds waiting
     cache = Path("out/bench/qat")
     cache.mkdir(parents=True, exist_ok=True)
     for name in args.only:
-        row = MODELS[name](args.budget, args.quick)
+        row = MODELS[name](args.budget, args.quick, lr=args.lr, scale_lr=args.scale_lr)
+        row.extra["lr"], row.extra["scale_lr"] = args.lr, args.scale_lr
         (cache / f"{name}{'-quick' if args.quick else ''}.json").write_text(json.dumps(vars(row), indent=1))
     rows = [QatRow(**json.loads((cache / f"{n}{'-quick' if args.quick else ''}.json").read_text())) for n in MODELS if (cache / f"{n}{'-quick' if args.quick else ''}.json").is_file()]
-    text = render(rows, "python -m bench.qat" + (" --quick" if args.quick else "") + f" --budget {args.budget:g}")
+    lrs = "".join(f" --{k} {v:g}" for k, v in (("lr", args.lr), ("scale-lr", args.scale_lr)) if v is not None)
+    text = render(rows, "python -m bench.qat" + (" --quick" if args.quick else "") + f" --budget {args.budget:g}" + lrs + " --only " + " ".join(args.only))
     print(text)
     out = args.out if args.out is not None else ("-" if args.quick else str(DOCS / "bench" / "qat.md"))
     if out != "-":

@@ -84,8 +84,8 @@ class QATState(nn.Module):
         if name not in self.ops or not self.enabled:
             return args, kwargs
         args, kwargs = list(args), dict(kwargs)
-        if name == BATCH_NORM:  # the exported model folds BatchNorm with its running statistics
-            _set_arg(args, kwargs, 5, "training", False)
+        if name == BATCH_NORM and _get_arg(args, kwargs, 1, "running_mean") is not None:
+            _set_arg(args, kwargs, 5, "training", False)  # the exported model folds BatchNorm with its running statistics
         key = session.peek_key(func)
         w = self.binding.weights.get(key)
         if w is not None:
