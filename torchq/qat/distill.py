@@ -117,12 +117,12 @@ def distill(
     best_state = copy.deepcopy(model.state_dict())
     step = 0
     try:
-        for batch in itertools.cycle(data) if steps else ():
+        teacher = _Teacher(float_model)
+        for index, batch in itertools.cycle(enumerate(data)) if steps else ():
             if step >= steps or (time_budget_s is not None and time.perf_counter() - t0 > time_budget_s):
                 break
             args, kwargs = _split(batch, arity)
-            with torch.no_grad():
-                target = float_model(*args, **kwargs)
+            target = teacher(index, args, kwargs)
             opt.zero_grad(set_to_none=True)
             distance(model(*args, **kwargs), target, loss).backward()
             opt.step()
@@ -141,3 +141,27 @@ def distill(
 def _targets(float_model, batches, arity) -> list:
     with torch.no_grad():
         return [float_model(*a, **k) for a, k in (_split(b, arity) for b in batches)]
+
+
+class _Teacher:
+    """The float model's outputs per batch, kept after the first pass over the data (up to
+    TEACHER_CACHE_BYTES of them): later passes cost the student's forward only."""
+
+    def __init__(self, float_model):
+        self.model = float_model
+        self.cache: dict[int, object] = {}
+        self.bytes = 0
+
+    def __call__(self, index: int, args, kwargs):
+        if index in self.cache:
+            return self.cache[index]
+        with torch.no_grad():
+            out = self.model(*args, **kwargs)
+        size = sum(t.numel() * t.element_size() for t in output_tensors(out))
+        if self.bytes + size <= TEACHER_CACHE_BYTES:
+            self.cache[index] = out
+            self.bytes += size
+        return out
+
+
+TEACHER_CACHE_BYTES = 256 * 2**20
