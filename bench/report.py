@@ -13,6 +13,7 @@ TITLES = {
     "zoo": "4. Latency of the test zoo (issue 2)",
     "robustness": "5. No calibration method collapses: real OCR models and a hard-swish net (issue 18)",
     "compatibility": "6. Compatibility: the architectures users bring (issue 16)",
+    "qat": "6. Quantization-aware fine-tuning: MiniLM and EfficientNet-Lite0 (issue 20)",
 }
 
 WHY_SLOW = """\

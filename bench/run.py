@@ -4,7 +4,8 @@ Sections (each also runnable alone with --only): imagenet (ImageNet-pretrained E
 Lite1 on natural-photo crops, issue 16), accuracy (issue 6), seed (the reference
 product's families), onnx (issue 3: ONNX path vs onnxruntime), zoo (issue 2: latency), robustness
 (issue 18: the ten methods on real OCR models and a hard-swish net), compatibility (issue 16: torchvision,
-timm, detection heads and HF transformers through both exporters -> also docs/COMPATIBILITY.md).
+timm, detection heads and HF transformers through both exporters -> also docs/COMPATIBILITY.md), qat (issue 20:
+quantization-aware fine-tuning of MiniLM and EfficientNet-Lite0).
 --quick runs tiny settings (the test suite uses it) and writes to out/bench-quick by default,
 never over docs/.
 """
@@ -25,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from .common import DOCS, ROOT, Settings  # noqa: E402
 
-SECTIONS = ("imagenet", "accuracy", "seed", "onnx", "zoo", "robustness", "compatibility")
+SECTIONS = ("imagenet", "accuracy", "seed", "onnx", "zoo", "robustness", "compatibility", "qat")
 
 
 def _machine() -> str:
@@ -101,6 +102,10 @@ def _rerender(name: str, result, text: str) -> str:
             return onnx_path.render(result["rows"], result["memory"], result.get("memory_model", onnx_path.MEMORY_MODEL + ".float.onnx"))
         if name == "zoo":
             return zoo_latency.render(result)
+        if name == "qat":
+            from . import qat
+
+            return qat.render(result, "python -m bench.run --only qat")
     except Exception as exc:  # an old cache the current code cannot render: keep its text
         print(f"cannot re-render {name} from the cache ({type(exc).__name__}: {exc}); keeping its old text", file=sys.stderr)
     return text
@@ -150,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             texts[name], results[name] = robustness.run_section(settings, workdir, log)
         elif name == "compatibility":
             texts[name], results[name] = compatibility.run_section(settings, workdir, log)
+        elif name == "qat":
+            from . import qat
+
+            texts[name], results[name] = qat.run_section(settings, workdir, log)
         section_time[name] = time.perf_counter() - t0
         log(f"section {name} done in {section_time[name]:.0f} s")
         _save_section(workdir, name, texts[name], results[name], section_time[name])

@@ -211,8 +211,10 @@ class Planner:
         symmetric_constants: bool = False,
         float_output_layers: bool = True,
         mean_correction: bool = True,
+        weight_scales: Mapping[str, np.ndarray] | None = None,
     ):
         self.graph = model.graph
+        self.weight_scales = dict(weight_scales or {})  # weight initializer -> scales learned elsewhere
         self.ranges = inferred_ranges(model.graph, ranges)
         self.channel_sums = dict(getattr(ranges, "channel_sums", {}))  # calibrator.Ranges carries them
         self.mean_correction = mean_correction
@@ -583,7 +585,7 @@ class Planner:
             per_out = qmath.min_weight_scale_for_bias(bias, in_scale)
             min_scale = self._bias_to_weight_channels(per_out, node, w, axis)
         try:
-            wp = qmath.weight_params(w, axis, min_scale=min_scale)
+            wp = qmath.weight_params(w, axis, min_scale=min_scale, scale=self.weight_scales.get(node.inputs[rule.weight_input].name))
             bp = self._bias_params(in_scale, wp, node, w, bias.shape[0]) if bias is not None else None
         except qmath.ScaleOverflowError as exc:
             fail(f"kept in float: {exc}")

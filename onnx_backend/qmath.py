@@ -127,12 +127,16 @@ def activation_params(lo: float, hi: float, *, symmetric: bool = False, qtype: Q
     return QuantParams(scale, zero, qtype)
 
 
-def weight_params(weight: np.ndarray, axis: int | None, *, min_scale: np.ndarray | float = 0.0) -> QuantParams:
+def weight_params(weight: np.ndarray, axis: int | None, *, min_scale: np.ndarray | float = 0.0, scale: np.ndarray | None = None) -> QuantParams:
     """Symmetric int8 weights in [-127, 127], zero point 0, per channel along `axis` (or per tensor).
 
     `min_scale` lets the caller widen scales so that the int32 bias stays in range.
     An all-zero channel gets scale 1 (any positive scale represents it exactly).
+    `scale` replaces max|w| / 127 with scales chosen elsewhere (learned by quantization-aware
+    training); `min_scale` still applies.
     """
+    if scale is not None:
+        return _weight_params_from_scale(np.asarray(scale, dtype=np.float64), axis, min_scale)
     w = np.asarray(weight)
     w = w if w.dtype in (np.float32, np.float64) else w.astype(np.float64)
     # |w| and max are exact in the weight's own dtype: no float64 copy of a large weight
@@ -141,7 +145,10 @@ def weight_params(weight: np.ndarray, axis: int | None, *, min_scale: np.ndarray
     else:
         reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
         amax = (np.max(np.abs(w), axis=reduce_axes) if w.size else np.zeros(w.shape[axis])).astype(np.float64)
-    scale = np.where(amax > 0, amax / QType.INT8_NARROW.qmax, 1.0)
+    return _weight_params_from_scale(np.where(amax > 0, amax / QType.INT8_NARROW.qmax, 1.0), axis, min_scale)
+
+
+def _weight_params_from_scale(scale: np.ndarray, axis: int | None, min_scale: np.ndarray | float) -> QuantParams:
     scale = np.maximum(scale, min_scale)
     safe = _finite_codes(_safe_scale(scale), QType.INT8_NARROW.qmax)
     if np.any(safe < scale * (1 - 1e-6)):  # lowered by more than float32 rounding: min_scale unmet

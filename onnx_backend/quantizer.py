@@ -106,6 +106,7 @@ def quantize_with_report(
     weight_overrides: Mapping[str, np.ndarray] | None = None,
     float_output_layers: bool = True,
     mean_correction: bool = True,
+    weight_scales: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Quantize and also return the report of what stayed in float and why.
 
@@ -118,20 +119,24 @@ def quantize_with_report(
     `mean_correction` (default) takes each layer's weight-rounding mean shift out of its bias,
     where `ranges` carries the per-channel means of the layer's input (a calibrator.Ranges from
     calibration does; onnx_backend/mean_correction.py).
+    `weight_scales` maps weight initializer names (of the optimized graph) to scales that replace
+    max|w| / 127 (learned by quantization-aware training, torchq.qat).
     """
     if activation_dtype not in ACTIVATION_DTYPES:
         raise ConfigError(f"activation_dtype must be one of {sorted(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
-    ir_model = _prepare_ir(model, opset, optimize, consume=consume_input)
-    excluded = match_nodes(ir_model, exclude_nodes)
-    plan = plan_quantization(
-        ir_model,
+    ir_model, plan = plan_model(
+        model,
         ranges,
         per_channel=per_channel,
-        supports=resolve_target(target),
-        exclude_nodes=excluded,
-        exclude_tensors=set(exclude_tensors),
+        target=target,
+        exclude_nodes=exclude_nodes,
+        exclude_tensors=exclude_tensors,
+        opset=opset,
+        optimize=optimize,
+        consume_input=consume_input,
         float_output_layers=float_output_layers,
         mean_correction=mean_correction,
+        weight_scales=weight_scales,
     )
     apply_plan(ir_model, plan, weight_overrides)
     proto = apply_pending(ir.serde.serialize_model(ir_model))
@@ -143,6 +148,36 @@ def quantize_with_report(
         _check_input(model, opset, optimize)
         raise RuntimeError(f"the quantized model does not pass onnx.checker: {exc}") from exc  # a torchq bug
     return proto, QuantizationReport(plan, dict(plan.float_tensors), dict(plan.float_nodes), dict(getattr(ranges, "mask_values", {})))
+
+
+def plan_model(
+    model: onnx.ModelProto | str | bytes,
+    ranges: Mapping[str, tuple[float, float]],
+    *,
+    per_channel: bool = True,
+    target=None,
+    exclude_nodes: Iterable[str] = (),
+    exclude_tensors: Iterable[str] = (),
+    opset: int | None = None,
+    optimize: bool = True,
+    consume_input: bool = False,
+    float_output_layers: bool = True,
+    weight_scales: Mapping[str, np.ndarray] | None = None,
+) -> tuple[ir.Model, QuantPlan]:
+    """The optimized float graph and the plan `quantize_with_report` applies to it (torchq.qat
+    binds the plan's decisions to the PyTorch model without applying it)."""
+    ir_model = _prepare_ir(model, opset, optimize, consume=consume_input)
+    plan = plan_quantization(
+        ir_model,
+        ranges,
+        per_channel=per_channel,
+        supports=resolve_target(target),
+        exclude_nodes=match_nodes(ir_model, exclude_nodes),
+        exclude_tensors=set(exclude_tensors),
+        float_output_layers=float_output_layers,
+        weight_scales=weight_scales,
+    )
+    return ir_model, plan
 
 
 def _first_line(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ from .api import calibrate, quantize
 from .config import Override, QuantConfig
 from .export import ExportReport, export, export_float, export_with_report
 from .prepare import is_prepared, prepare, unprepare
+from .qat import QATConfig, prepare_qat
 from .recipes import Recipe
 from .techniques import quantize_onnx, quantize_to_target, sensitivity
 
@@ -25,6 +26,7 @@ __all__ = [
     "InvalidModelError",
     "OutputPathError",
     "Override",
+    "QATConfig",
     "QuantConfig",
     "Recipe",
     "TorchqError",
@@ -34,6 +36,7 @@ __all__ = [
     "export_with_report",
     "is_prepared",
     "prepare",
+    "prepare_qat",
     "quantize",
     "quantize_onnx",
     "quantize_to_target",

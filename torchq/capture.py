@@ -38,6 +38,7 @@ class Phase(enum.Enum):
     OBSERVE = "observe"
     EXPORT = "export"
     PAUSED = "paused"
+    QAT = "qat"  # quantization-aware training: session.qat rewrites op inputs and results
 
 
 def op_name(func: Callable) -> str:
@@ -112,12 +113,23 @@ def _mha_reference(query, key, value, embed_dim_to_check, num_heads, in_proj_wei
     return y, None
 
 
+def _silu_reference(input, inplace=False):
+    """silu(x) = x * sigmoid(x), as the exporters write it: the Sigmoid's output is a tensor of
+    the exported graph (quantized on the spec's fixed grid), so it is seen as one here too. The
+    product is silu's own result (recorded under the silu key, see RECORDED)."""
+    s = torch.sigmoid(input)
+    with torch._C.DisableTorchFunction():
+        return input * s
+
+
 # Composite functions replaced by plain-op equivalents run with the mode active, so the ops
 # inside them are seen one by one (a replacement returning None means: run the original).
 TRANSPARENT: dict[Callable, Callable] = {
     F.scaled_dot_product_attention: _sdpa_reference,
     F.multi_head_attention_forward: _mha_reference,
+    F.silu: _silu_reference,
 }
+RECORDED = {F.silu}  # replacements whose result is the op's own tensor, recorded under its key
 
 
 class CaptureSession:
@@ -136,6 +148,7 @@ class CaptureSession:
         self.batches = 0
         self.mismatched: set[str] = set()
         self.marker: Callable[[torch.Tensor, str], torch.Tensor] | None = None
+        self.qat = None  # torchq.qat's hooks: before(key, func, args, kwargs) and after(key, tensor)
         self._mode: _Mode | None = None
         self._fastpath_was: bool | None = None
 
@@ -228,6 +241,20 @@ class CaptureSession:
         base, _, call = path.partition("@")
         return f"{base}:{name}{'#' + str(n) if n else ''}{'@' + call if call else ''}"
 
+    def peek_key(self, func: Callable) -> str:
+        """The key `key_for` will give the next result of `func`, without counting it."""
+        path = self.stack[-1] if self.stack else ROOT_PATH
+        name = op_name(func)
+        n = self.op_counts[-1][name] if self.op_counts else 0
+        base, _, call = path.partition("@")
+        return f"{base}:{name}{'#' + str(n) if n else ''}{'@' + call if call else ''}"
+
+    def before_op(self, func: Callable, args, kwargs):
+        if self.phase is not Phase.QAT or self.qat is None or _is_metadata(func):
+            return args, kwargs
+        with torch._C.DisableTorchFunction():
+            return self.qat.before(self, func, args, kwargs)
+
     def on_result(self, func: Callable, out):
         if isinstance(out, torch.Tensor):
             if out.is_floating_point():
@@ -250,6 +277,8 @@ class CaptureSession:
             return self._record(key, tensor)
 
     def _record(self, key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if self.phase is Phase.QAT:
+            return tensor if self.qat is None else self.qat.after(key, tensor)
         if self.phase is Phase.EXPORT:
             obs = self.observers.get(key)
             if obs is not None and obs.ndim is not None and obs.ndim != tensor.dim():
@@ -288,7 +317,8 @@ class _Mode(TorchFunctionMode):
             with self:  # re-enter: the ops inside are seen individually
                 out = replacement(*args, **kwargs)
             if out is not None:
-                return out
+                return self.session.on_result(func, out) if func in RECORDED else out
+        args, kwargs = self.session.before_op(func, args, kwargs)
         out = func(*args, **kwargs)
         if _is_metadata(func):
             return out

@@ -369,7 +369,11 @@ def export_with_report(
     dynamo: bool = True,
     report_path: str | os.PathLike | None = None,
 ) -> tuple[onnx.ModelProto, ExportReport]:
-    _, config = session_of(model)
+    session, config = session_of(model)
+    if session.qat is not None:  # a QAT model: its learned scales, not the calibrated ranges
+        from .qat.export import export_with_report as export_qat
+
+        return export_qat(model, example_inputs, path, kwargs=kwargs, dynamo=dynamo, report_path=report_path, input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes)
     options = dict(input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes, dynamic_shapes=dynamic_shapes)
     c = _export_and_bind(model, example_inputs, kwargs, dynamo, options)
     float_proto, c.model = ir.serde.serialize_model(c.model), None  # drop the exporter's copy now

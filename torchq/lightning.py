@@ -239,6 +239,9 @@ class QuantizationCallback(Callback):
             output_names, dynamic_axes, example_batch_size, report) when `config` is not a
             recipe; opset here sets the config's.
         device: where calibration runs (default: the strategy's root device).
+        qat: a `QATConfig` (or dict) for quantization-aware fine-tuning: the module is calibrated
+            and prepared for QAT in `setup`, fit trains it with its own training_step, and the
+            QAT model is exported after fit (torchq/qat/lightning.py).
     """
 
     def __init__(
@@ -255,8 +258,13 @@ class QuantizationCallback(Callback):
         quantize_on_fit_end: bool = True,
         export: Mapping | None = None,
         device: str | torch.device | None = None,
+        qat=None,
     ):
         super().__init__()
+        from .qat.config import make_qat_config
+
+        self.qat = make_qat_config(qat) if qat is not None else None
+        self.qat_calibration_batches = 0
         if dataloader not in DATALOADERS:
             raise ConfigError(f"QuantizationCallback: dataloader must be one of {', '.join(DATALOADERS)}, got {dataloader!r}")
         if filename is not None and not filename.endswith(".onnx"):
@@ -316,6 +324,10 @@ class QuantizationCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             distributed.destroy_process_group_at_exit()  # the ranks' collectives must not abort their exit
+        if self.qat is not None and stage == "fit":
+            from .qat.lightning import setup_qat
+
+            self.qat_calibration_batches = setup_qat(self, trainer, pl_module, self.qat) or self.qat_calibration_batches
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.quantize_on_fit_end and not getattr(trainer, "sanity_checking", False):
@@ -345,11 +357,18 @@ class QuantizationCallback(Callback):
         example_args, example_kwargs, input_names, example_tensors = _bind(signature, args, kwargs)
         example_output = self._run(pl_module, example_args, example_kwargs)  # unprepared: the plain float forward
 
-        prepare(pl_module, self.config)
+        from .qat import is_qat
+
+        qat = is_qat(pl_module)  # prepared and fine-tuned already: export what was trained
+        if not qat:
+            prepare(pl_module, self.config)
         try:
             try:
-                count = self._calibrate(trainer, pl_module, itertools.chain([first], batches), device)
-                count = distributed.merge_statistics(pl_module) if distributed.is_distributed() else count
+                if qat:
+                    count = self.qat_calibration_batches
+                else:
+                    count = self._calibrate(trainer, pl_module, itertools.chain([first], batches), device)
+                    count = distributed.merge_statistics(pl_module) if distributed.is_distributed() else count
                 result = QuantizationResult(None, None, count)
                 if trainer.is_global_zero:
                     qmodel, report = self._export(pl_module, example_args, example_kwargs, input_names, example_tensors, example_output)

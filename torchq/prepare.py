@@ -40,6 +40,11 @@ def unprepare(model: torch.nn.Module) -> torch.nn.Module:
     entry = _SESSIONS.pop(model, None)
     if entry is not None:
         entry[0].detach()
+        if entry[0].qat is not None:
+            from .qat.prepare import release
+
+            release(model, entry[0].qat)
+            entry[0].qat = None
     samples.detach(model)
     return model
 

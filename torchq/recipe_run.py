@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import fnmatch
 import json
 import math
@@ -252,6 +254,7 @@ def run_recipe(recipe: Recipe, output=None, *, evaluate: bool = True, quiet: boo
     log(f"model {model_section.factory} ({sum(p.numel() for p in model.parameters()):,} parameters); calibrating with {config.method}{' symmetric' if config.symmetric else ''}")
 
     data = _FirstBatch(loader, cal.num_batches, where)
+    float_model = copy.deepcopy(model) if spec.qat is not None else None  # the distillation teacher
     prepare(model, config)
     try:
         t = time.perf_counter()
@@ -266,6 +269,10 @@ def run_recipe(recipe: Recipe, output=None, *, evaluate: bool = True, quiet: boo
         log(f"calibrated on {batches} batches; exporting with the {spec.export.exporter} exporter")
         args, kwargs = example_inputs(model, data.first, spec.export.example_batch_size, cal.device)
         e = spec.export
+        if spec.qat is not None:
+            from .qat.recipe import fine_tune
+
+            seconds["qat"], result_qat = fine_tune(recipe, model, float_model, data, args, kwargs, log)
         qmodel, report = export_with_report(
             model,
             args,
@@ -283,6 +290,8 @@ def run_recipe(recipe: Recipe, output=None, *, evaluate: bool = True, quiet: boo
         unprepare(model)
 
     result = RecipeResult(out, report, validate(qmodel), batches, seconds=seconds, quantized=quantized_activations(qmodel))
+    if spec.qat is not None:
+        report.techniques.setdefault("qat", {})["distill"] = result_qat.to_dict()
     result.warnings = unmatched_patterns(recipe, report, qmodel)
     if evaluate and spec.evaluation is not None:
         t = time.perf_counter()

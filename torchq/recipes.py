@@ -122,6 +122,22 @@ class EvaluationSection(_Section):
     higher_is_better: bool = True
 
 
+class QATSection(_Section):
+    """Quantization-aware fine-tuning after calibration (torchq.qat): distillation to the float
+    model on `loader(**kwargs)` batches (default: the calibration batches), QATConfig's fields."""
+
+    steps: int = Field(default=200, ge=0)
+    lr: float = Field(default=1e-5, gt=0)
+    scale_lr: float = Field(default=1e-3, gt=0)
+    learn_ranges: bool = True
+    learn_weight_scales: bool = True
+    distillation: Literal["mse", "cosine"] = "mse"
+    eval_every: int = Field(default=25, ge=1)
+    loader: ImportPath | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    num_batches: int | None = Field(default=None, ge=2)  # fine-tuning batches kept (None: all); the last fifth is held back
+
+
 class RecipeSpec(_Section):
     name: str | None = None
     description: str | None = None
@@ -131,6 +147,7 @@ class RecipeSpec(_Section):
     target: str | None = "warboy"
     export: ExportSection = ExportSection()
     evaluation: EvaluationSection | None = None
+    qat: QATSection | None = None
 
     @field_validator("target")
     @classmethod

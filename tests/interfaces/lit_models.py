@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -104,3 +104,19 @@ class KeywordClassifier(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+class QATScalesInSync(Callback):
+    """For the DDP QAT test: at the end of fit, every rank writes the sums of its torchq_qat
+    parameters and of its weights, so the test can compare the ranks."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        import json
+        from pathlib import Path
+
+        qat = {n: float(p.detach().double().sum()) for n, p in pl_module.named_parameters() if n.startswith("torchq_qat.")}
+        weights = float(sum(p.detach().double().sum() for n, p in pl_module.named_parameters() if not n.startswith("torchq_qat.")))
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps({"qat": qat, "weights": weights}))

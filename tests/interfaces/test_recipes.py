@@ -57,13 +57,14 @@ def test_template_documents_every_key_with_its_default():
         keys = {(f.alias or n) for n, f in model_cls.model_fields.items()}
         assert set(data) == keys, f"{where}: template keys differ from the schema"
 
-    from torchq.recipes import CalibrationSection, EvaluationSection, ExportSection, ModelSection
+    from torchq.recipes import CalibrationSection, EvaluationSection, ExportSection, ModelSection, QATSection
 
     check(RecipeSpec, template, "<root>")
-    for name, cls in (("model", ModelSection), ("calibration", CalibrationSection), ("quantization", QuantizationSection), ("export", ExportSection), ("evaluation", EvaluationSection)):
+    for name, cls in (("model", ModelSection), ("calibration", CalibrationSection), ("quantization", QuantizationSection), ("export", ExportSection), ("evaluation", EvaluationSection), ("qat", QATSection)):
         check(cls, template[name], name)
     # the values shown are the defaults (except the placeholders a user must fill in)
     assert spec.quantization == QuantizationSection()
+    assert spec.qat == QATSection()
     defaults = RecipeSpec.model_fields["export"].default
     assert spec.export.model_copy(update={"path": None}) == defaults
     assert spec.target == RecipeSpec.model_fields["target"].default
@@ -115,7 +116,7 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path):
         ("export: {exporter: onnx}", r"export\.exporter: Input should be 'dynamo' or 'torchscript' \(got 'onnx'\)"),
         ("export: {opset: 11}", r"export\.opset: Input should be greater than or equal to 13 \(got 11\)"),
         ("evaluation: {function: not-an-import-path}", r"evaluation\.function: must be an import path 'package\.module:attribute', got 'not-an-import-path'"),
-        ("colour: red", r"r\.yaml:3: colour: unknown key; allowed keys: name, description, model, calibration, quantization, target, export, evaluation, extends"),
+        ("colour: red", r"r\.yaml:3: colour: unknown key; allowed keys: name, description, model, calibration, quantization, target, export, evaluation, qat, extends"),
     ],
 )
 def test_bad_values_name_file_line_key_and_allowed_values(tmp_path, body, message):
@@ -263,11 +264,11 @@ def test_recipe_errors_are_torchq_errors():
 
 
 def test_the_docs_list_every_key():
-    from torchq.recipes import CalibrationSection, EvaluationSection, ExportSection, ModelSection
+    from torchq.recipes import CalibrationSection, EvaluationSection, ExportSection, ModelSection, QATSection
 
     text = (ROOT / "docs" / "INTERFACES.md").read_text()
     keys = [f"`{n}`" for n in RecipeSpec.model_fields if n not in ("model", "calibration", "quantization", "export", "evaluation")] + ["`extends`"]
-    for section, cls in (("model", ModelSection), ("calibration", CalibrationSection), ("quantization", QuantizationSection), ("export", ExportSection), ("evaluation", EvaluationSection)):
+    for section, cls in (("model", ModelSection), ("calibration", CalibrationSection), ("quantization", QuantizationSection), ("export", ExportSection), ("evaluation", EvaluationSection), ("qat", QATSection)):
         keys += [f"`{section}.{f.alias or n}`" for n, f in cls.model_fields.items()]
     missing = [k for k in keys if f"| {k} |" not in text]
     assert not missing, f"docs/INTERFACES.md lacks rows for {missing}"
