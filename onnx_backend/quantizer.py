@@ -162,6 +162,7 @@ def plan_model(
     optimize: bool = True,
     consume_input: bool = False,
     float_output_layers: bool = True,
+    mean_correction: bool = True,
     weight_scales: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[ir.Model, QuantPlan]:
     """The optimized float graph and the plan `quantize_with_report` applies to it (torchq.qat
@@ -175,6 +176,7 @@ def plan_model(
         exclude_nodes=match_nodes(ir_model, exclude_nodes),
         exclude_tensors=set(exclude_tensors),
         float_output_layers=float_output_layers,
+        mean_correction=mean_correction,
         weight_scales=weight_scales,
     )
     return ir_model, plan

@@ -32,6 +32,9 @@ def export_with_report(model, example_inputs, path=None, *, kwargs=None, dynamo:
     qmodel, backend_report = quantize_with_report(
         planned.proto, planned.ranges, per_channel=config.per_channel, target=config.target, exclude_tensors=c.float_tensors, opset=config.opset,
         activation_dtype=config.activation_dtype, weight_scales=scales, consume_input=True,
+        # the fake-quantized forward that was trained has no analytic mean correction; the
+        # exported model must compute exactly that forward
+        mean_correction=False,
     )
     techniques = {"qat": {**state.binding.summary(), "unbound": dict(state.binding.unbound)}}
     report = ExportReport(backend_report, {t: list(k) for t, k in c.bindings.items()}, planned.ranges, "dynamo" if dynamo else "torchscript", techniques)

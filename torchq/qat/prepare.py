@@ -62,7 +62,8 @@ def plan_and_probe(model: torch.nn.Module, example_inputs, kwargs: Mapping | Non
     proto = ir.serde.serialize_model(c.model)
     c.model = None
     graph_model, plan = plan_model(
-        proto, ranges, per_channel=config.per_channel, target=config.target, exclude_tensors=c.float_tensors, opset=config.opset
+        proto, ranges, per_channel=config.per_channel, target=config.target, exclude_tensors=c.float_tensors, opset=config.opset,
+        mean_correction=False,  # QAT trains the rounded weights themselves: no bias shift on top (see export)
     )
     probe = Probe(model)
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
