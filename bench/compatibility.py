@@ -348,7 +348,9 @@ def render(rows: list[Row], command: str, minutes: float) -> str:
         floats = " / ".join(str(len(x.float_tensors)) if x and x.ok else "-" for x in (d, t))
         host = " / ".join(str(x.host_nodes) if x and x.ok else "-" for x in (d, t))
         secs = " / ".join(f"{x.seconds:.0f}" if x and x.ok else "-" for x in (d, t, o))
-        body.append([r.name, r.family, f"{r.params_m:.1f}", _sqnr_cell(r, "dynamo"), _sqnr_cell(r, "torchscript"), _sqnr_cell(r, "onnxruntime"), viol, floats, host, secs, r.verdict()])
+        verdict = r.verdict()
+        verdict = verdict if len(verdict) <= 160 else verdict[:160] + " ... (below)"  # the whole message is in the per-model notes
+        body.append([r.name, r.family, f"{r.params_m:.1f}", _sqnr_cell(r, "dynamo"), _sqnr_cell(r, "torchscript"), _sqnr_cell(r, "onnxruntime"), viol, floats, host, secs, verdict])
     lines.append(table(head, body))
     details = []
     for r in rows:
