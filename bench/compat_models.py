@@ -75,6 +75,9 @@ def _realistic(model: nn.Module, size: int) -> nn.Module:
     from .images import crops
     from .seed_models import randomized
 
+    for m in model.modules():  # zero-initialized layers (torchvision ViT's head) would make a constant output
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and not m.weight.any():
+            m.reset_parameters()
     return randomized(model.eval(), crops(16, size, seed=7))
 
 

@@ -91,7 +91,7 @@ def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     tb = traceback.extract_tb(exc.__traceback__)
     where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
-    return f"{type(exc).__name__}: {text[0][:300] if text else ''}{where}"
+    return f"{type(exc).__name__}: {text[0][:700] if text else ''}{where}"
 
 
 def _sqnr(arch, reference: list[np.ndarray], outputs: list[np.ndarray], feeds: dict[str, np.ndarray]) -> dict[str, float]:
@@ -152,9 +152,27 @@ def _ours(arch, model, calibration: list[dict], example: dict, feeds, reference,
     return run
 
 
-def _float_export(arch, model, example: dict, path: Path) -> None:
+def _float_export(arch, model, example: dict, path: Path) -> str:
     """The float model onnxruntime's quantizer gets: the TorchScript exporter's (dynamo=False),
-    opset 17, the fast one of the two; quant_pre_process optimizes it either way."""
+    opset 17, the fast one of the two; quant_pre_process optimizes it either way. Where TorchScript
+    cannot export the float model (nn.MultiheadAttention's fused eval path, which torchq's hooks
+    turn off), the dynamo exporter's. Returns which exporter wrote it."""
+    import torch
+
+    from .common import quiet
+
+    try:
+        _torchscript_export(arch, model, example, path)
+        return "dynamo=False"
+    except Exception:
+        args, kwargs = arch.export_args(example)
+        with quiet(), torch.no_grad():
+            program = torch.onnx.export(model, args, kwargs=kwargs or None, dynamo=True, opset_version=18, input_names=arch.input_names, output_names=arch.output_names, dynamic_axes=arch.dynamic_axes, optimize=True, verbose=False)
+        program.save(str(path))
+        return "dynamo"
+
+
+def _torchscript_export(arch, model, example: dict, path: Path) -> None:
     import torch
 
     from .common import quiet
@@ -188,7 +206,9 @@ def _onnxruntime(arch, model, calibration: list[dict], example: dict, feeds, ref
     run = Run()
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            _float_export(arch, model, example, Path(tmp) / "float.onnx")
+            exporter = _float_export(arch, model, example, Path(tmp) / "float.onnx")
+            if exporter != "dynamo=False":
+                run.warnings.append(f"the float model it quantizes comes from the {exporter} exporter (TorchScript cannot export it)")
         except Exception as exc:
             run.error = "float export: " + _short(exc)
             return run
@@ -328,7 +348,9 @@ def render(rows: list[Row], command: str, minutes: float) -> str:
         floats = " / ".join(str(len(x.float_tensors)) if x and x.ok else "-" for x in (d, t))
         host = " / ".join(str(x.host_nodes) if x and x.ok else "-" for x in (d, t))
         secs = " / ".join(f"{x.seconds:.0f}" if x and x.ok else "-" for x in (d, t, o))
-        body.append([r.name, r.family, f"{r.params_m:.1f}", _sqnr_cell(r, "dynamo"), _sqnr_cell(r, "torchscript"), _sqnr_cell(r, "onnxruntime"), viol, floats, host, secs, r.verdict()])
+        verdict = r.verdict()
+        verdict = verdict if len(verdict) <= 160 else verdict[:160] + " ... (below)"  # the whole message is in the per-model notes
+        body.append([r.name, r.family, f"{r.params_m:.1f}", _sqnr_cell(r, "dynamo"), _sqnr_cell(r, "torchscript"), _sqnr_cell(r, "onnxruntime"), viol, floats, host, secs, verdict])
     lines.append(table(head, body))
     details = []
     for r in rows:
