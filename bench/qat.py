@@ -145,7 +145,7 @@ def render(rows: list[QatRow], command: str) -> str:
         "# Quantization-aware fine-tuning\n\n"
         f"`{command}`. PTQ: the default QuantConfig (mse, per-channel, target warboy) through prepare -> calibrate -> export. "
         "QAT: the same calibrated model through `torchq.prepare_qat` and `torchq.qat.distill` (MSE to the float outputs, "
-        "Adam, lr 1e-5 for weights, 1e-3 for log-scales, LSQ gradients), the best state on the held-back batches kept, "
+        "Adam; lr 1e-5 for weights and 1e-3 for log-scales, the QATConfig defaults, unless the row says otherwise; LSQ gradients), the best state on the held-back batches kept, "
         "then `torchq.export`; both INT8 models run in onnxruntime. Fine-tuning time is wall time on this machine, "
         "shared with other jobs while measured.\n\n" + body + "\n"
     )
