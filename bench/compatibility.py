@@ -21,7 +21,6 @@ run resumes; `--fresh` measures again.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -187,17 +186,6 @@ def _torchscript_export(arch, model, example: dict, path: Path) -> None:
         torch.onnx.export(traced, args, str(path), dynamo=False, opset_version=17, input_names=arch.input_names, output_names=arch.output_names, dynamic_axes=arch.dynamic_axes)
 
 
-@contextlib.contextmanager
-def _working_directory(path):
-    """contextlib.chdir, which Python 3.10 lacks."""
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 def _onnxruntime(arch, model, calibration: list[dict], example: dict, feeds, reference) -> Run:
     from onnx_backend import validate
 
@@ -214,8 +202,7 @@ def _onnxruntime(arch, model, calibration: list[dict], example: dict, feeds, ref
             return run
         try:
             logging.getLogger().setLevel(logging.ERROR)  # its per-weight axis warnings on LayerNorm scales
-            with _working_directory(tmp):  # its shape inference leaves temporary files in the working directory
-                qmodel, run.seconds = ort_quantize(Path(tmp) / "float.onnx", [{k: v.numpy() for k, v in b.items()} for b in calibration], "MinMax", Path(tmp) / "ort.onnx")
+            qmodel, run.seconds = ort_quantize(Path(tmp) / "float.onnx", [{k: v.numpy() for k, v in b.items()} for b in calibration], "MinMax", Path(tmp) / "ort.onnx")
         except Exception as exc:
             run.error = "quantize_static: " + _short(exc)
             return run

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,12 +49,24 @@ def ort_preprocess(float_path: str | Path, out_path: str | Path) -> Path:
     return Path(out_path)
 
 
+@contextlib.contextmanager
+def working_directory(path):
+    """contextlib.chdir, which Python 3.10 lacks."""
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def ort_quantize(float_path: str | Path, feeds: Sequence[Mapping[str, np.ndarray]], method: str, out_path: str | Path) -> tuple[onnx.ModelProto, float]:
     """quantize_static on the pre-processed float model; returns (model, wall seconds)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    float_path, out_path = Path(float_path).resolve(), Path(out_path).resolve()  # before the chdir
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, working_directory(tmp):  # its shape inference leaves temporary files in the working directory
         pre = ort_preprocess(float_path, Path(tmp) / "pre.onnx")
         quantize_static(
             str(pre),
