@@ -121,7 +121,6 @@ def _run_default_session(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray
 
 def _ours(arch, model, calibration: list[dict], example: dict, feeds, reference, dynamo: bool) -> Run:
     import torchq
-    from onnx_backend import validate
 
     run = Run()
     t0 = time.perf_counter()
@@ -139,16 +138,10 @@ def _ours(arch, model, calibration: list[dict], example: dict, feeds, reference,
         run.error = "torchq: " + _short(exc)
         return run
     run.seconds = round(time.perf_counter() - t0, 1)
-    run.violations = [str(v) for v in validate(qmodel)]
     run.float_tensors = dict(sorted(report.float_tensors.items()))
     run.host_nodes = len(report.backend.float_nodes)
     run.warnings = list(getattr(report.backend, "warnings", []))
-    try:
-        run.sqnr = _sqnr(arch, reference, _run_default_session(qmodel, feeds), feeds)
-        run.ok = True
-    except Exception as exc:
-        run.error = "onnxruntime on torchq's model: " + _short(exc)
-    return run
+    return _check_and_measure(run, arch, reference, qmodel, feeds, "torchq's model")
 
 
 def _float_export(arch, model, example: dict, path: Path) -> str:
@@ -187,8 +180,6 @@ def _torchscript_export(arch, model, example: dict, path: Path) -> None:
 
 
 def _onnxruntime(arch, model, calibration: list[dict], example: dict, feeds, reference) -> Run:
-    from onnx_backend import validate
-
     from .peers import ort_quantize
 
     run = Run()
@@ -207,12 +198,19 @@ def _onnxruntime(arch, model, calibration: list[dict], example: dict, feeds, ref
             run.error = "quantize_static: " + _short(exc)
             return run
     run.seconds = round(run.seconds, 1)
+    return _check_and_measure(run, arch, reference, qmodel, feeds, "its own model")
+
+
+def _check_and_measure(run: Run, arch, reference, qmodel, feeds, whose: str) -> Run:
+    """The spec violations of an INT8 model and its output SQNR in onnxruntime's default session."""
+    from onnx_backend import validate
+
     run.violations = [str(v) for v in validate(qmodel)]
     try:
         run.sqnr = _sqnr(arch, reference, _run_default_session(qmodel, feeds), feeds)
         run.ok = True
     except Exception as exc:
-        run.error = "onnxruntime on its own model: " + _short(exc)
+        run.error = f"onnxruntime on {whose}: " + _short(exc)
     return run
 
 

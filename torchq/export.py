@@ -403,7 +403,11 @@ def export_with_report(
     for tensor, keys in c.bindings.items():
         if tensor in backend_report.float_tensors and any(k in c.mismatched for k in keys):
             backend_report.float_tensors[tensor] = f"calibration and export took different code paths at {keys[0]!r}; its statistics were not used"
-    report = ExportReport(backend_report, {t: list(k) for t, k in c.bindings.items()}, c.ranges, "dynamo" if dynamo else "torchscript", techniques)
+    return write_export(qmodel, ExportReport(backend_report, {t: list(k) for t, k in c.bindings.items()}, c.ranges, "dynamo" if dynamo else "torchscript", techniques), path, report_path)
+
+
+def write_export(qmodel: onnx.ModelProto, report: ExportReport, path=None, report_path=None) -> tuple[onnx.ModelProto, ExportReport]:
+    """Save the INT8 model and its JSON report where asked (each atomically); return both."""
     if path is not None:
         save_model(qmodel, path)
     if report_path is not None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
-from onnx_backend.model_io import save_model, write_text_atomic
 from onnx_backend.quantizer import quantize_with_report
 
 from ..prepare import session_of
@@ -13,7 +11,7 @@ from .prepare import plan_and_probe, qat_state
 
 
 def export_with_report(model, example_inputs, path=None, *, kwargs=None, dynamo: bool = True, report_path=None, **export_options):
-    from ..export import ExportReport
+    from ..export import ExportReport, write_export
 
     state = qat_state(model)
     _, config = session_of(model)
@@ -37,12 +35,7 @@ def export_with_report(model, example_inputs, path=None, *, kwargs=None, dynamo:
         mean_correction=False,
     )
     techniques = {"qat": {**state.binding.summary(), "unbound": dict(state.binding.unbound)}}
-    report = ExportReport(backend_report, {t: list(k) for t, k in c.bindings.items()}, planned.ranges, "dynamo" if dynamo else "torchscript", techniques)
-    if path is not None:
-        save_model(qmodel, path)
-    if report_path is not None:
-        write_text_atomic(report_path, json.dumps(report.to_dict(), indent=1) + "\n")
-    return qmodel, report
+    return write_export(qmodel, ExportReport(backend_report, {t: list(k) for t, k in c.bindings.items()}, planned.ranges, "dynamo" if dynamo else "torchscript", techniques), path, report_path)
 
 
 def _structure(binding) -> tuple:
